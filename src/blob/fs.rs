@@ -1,0 +1,110 @@
+//! Filesystem `BlobStore`: the embedded default.
+//!
+//! `BLOB_DIR/ab/<uuid>`, sharded by the first two hex digits. A put writes a temporary
+//! file in `BLOB_DIR/.tmp`, fsyncs it, renames it into place and fsyncs the folder, so a
+//! key the database records always names a complete file, even after a crash.
+
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use uuid::Uuid;
+
+use super::{BlobError, BlobStore};
+
+pub struct FsBlobStore {
+    root: PathBuf,
+}
+
+impl FsBlobStore {
+    pub fn open(root: &Path) -> Result<Self, anyhow::Error> {
+        std::fs::create_dir_all(root.join(".tmp"))
+            .map_err(|e| anyhow::anyhow!("cannot create BLOB_DIR {}: {e}", root.display()))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// The file of `key`; keys are UUIDs, so nothing else can name a path.
+    fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
+        let id = Uuid::parse_str(key).map_err(|_| BlobError::NotFound(key.to_owned()))?;
+        let name = id.hyphenated().to_string();
+        Ok(self.root.join(&name[..2]).join(name))
+    }
+}
+
+fn io_error(e: std::io::Error) -> BlobError {
+    BlobError::Unavailable(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BlobError::Other(e.to_string()))?
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn put(&self, data: Bytes) -> Result<String, BlobError> {
+        let key = Uuid::new_v4().to_string();
+        let path = self.path(&key)?;
+        let tmp = self.root.join(".tmp").join(&key);
+        blocking(move || {
+            let dir = path.parent().expect("sharded path has a parent");
+            std::fs::create_dir_all(dir).map_err(io_error)?;
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(dir)?.sync_all()
+            };
+            write().map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                io_error(e)
+            })?;
+            Ok(key)
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
+        let path = self.path(key)?;
+        let key = key.to_owned();
+        blocking(move || match std::fs::read(&path) {
+            Ok(data) => Ok(Bytes::from(data)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(BlobError::NotFound(key)),
+            Err(e) => Err(io_error(e)),
+        })
+        .await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, BlobError> {
+        let paths: Vec<_> = keys
+            .iter()
+            .map(|k| (k.clone(), self.path(k).ok()))
+            .collect();
+        blocking(move || {
+            let mut gone = Vec::with_capacity(paths.len());
+            for (key, path) in paths {
+                match path.map(std::fs::remove_file) {
+                    None | Some(Ok(())) => gone.push(key),
+                    Some(Err(e)) if e.kind() == ErrorKind::NotFound => gone.push(key),
+                    Some(Err(e)) => {
+                        tracing::warn!(%key, error = %e, "could not delete blob; will retry")
+                    }
+                }
+            }
+            Ok(gone)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), BlobError> {
+        let tmp = self.root.join(".tmp");
+        blocking(move || std::fs::metadata(&tmp).map(|_| ()).map_err(io_error)).await
+    }
+}

@@ -1,0 +1,159 @@
+//! Configuration: one clap struct read from flags, the environment and `.env`.
+//!
+//! Every field is also an environment variable of the same name in upper case; a value
+//! that is present but invalid stops start-up with clap's message, which names it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Relay for end-to-end-encrypted (MLS) chat messages.
+#[derive(Debug, Parser)]
+#[command(name = "catbird-server", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub config: Config,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply migrations, then serve HTTP (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print an HS256 token signed with the configured secret, for curl and local testing.
+    Token {
+        /// The caller's DID, put in the `sub` claim.
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid (humantime: `1h`, `30m`, `7d`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+    /// Run one clean-up pass (expired and delivered messages, queued blob deletions) and exit.
+    Gc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BlobBackend {
+    /// Files under `BLOB_DIR` (the embedded default).
+    Filesystem,
+    /// Cloudflare R2 or any S3-compatible store.
+    #[value(alias = "s3")]
+    R2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Parser)]
+pub struct Config {
+    /// Listen address.
+    #[arg(long, env = "HOST", default_value = "127.0.0.1", global = true)]
+    pub host: String,
+
+    /// Listen port.
+    #[arg(long, env = "PORT", default_value_t = 3000, global = true)]
+    pub port: u16,
+
+    /// `sqlite://path` (embedded default) or `postgres://…`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://data/catbird.db",
+        global = true
+    )]
+    pub database_url: String,
+
+    /// Largest number of database connections (PostgreSQL; SQLite readers).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    pub database_max_connections: u32,
+
+    /// How long a request waits for a free database connection before answering 503.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "5s",
+          value_parser = positive_duration, global = true)]
+    pub database_acquire_timeout: Duration,
+
+    /// Where message ciphertext is kept.
+    #[arg(long, env = "BLOB_BACKEND", value_enum, default_value_t = BlobBackend::Filesystem, global = true)]
+    pub blob_backend: BlobBackend,
+
+    /// Folder of the filesystem blob backend.
+    #[arg(long, env = "BLOB_DIR", default_value = "data/blobs", global = true)]
+    pub blob_dir: PathBuf,
+
+    /// HS256 secret (at least 32 bytes). Without it or a public key, one is generated
+    /// into `data/jwt_secret`.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true, global = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key: RS256 (RSA), ES256 (P-256) or EdDSA (Ed25519).
+    #[arg(long, env = "JWT_PUBLIC_KEY_FILE", global = true)]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "JWT_AUDIENCE", global = true)]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "JWT_ISSUER", global = true)]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock leeway for `exp`, `nbf` and `iat`, in seconds.
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value_t = 30, global = true)]
+    pub jwt_leeway_seconds: u64,
+
+    /// Retention of every message (humantime: `30d`, `12h`, `90s`).
+    #[arg(long, env = "MESSAGE_TTL", default_value = "30d", value_parser = positive_duration, global = true)]
+    pub message_ttl: Duration,
+
+    /// Period of the background clean-up.
+    #[arg(long, env = "GC_INTERVAL", default_value = "1h", value_parser = positive_duration, global = true)]
+    pub gc_interval: Duration,
+
+    /// Largest decoded payload, in bytes.
+    #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1_048_576,
+          value_parser = clap::value_parser!(u64).range(1..=(256 << 20)), global = true)]
+    pub max_message_bytes: u64,
+
+    /// Largest recipient list.
+    #[arg(long, env = "MAX_RECIPIENTS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000), global = true)]
+    pub max_recipients: u64,
+
+    /// Delete a message and its blob once every recipient acknowledged it.
+    #[arg(long, env = "DELETE_ON_DELIVERY", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub delete_on_delivery: bool,
+
+    /// Log format: `text` for people, `json` for machines (filter with `RUST_LOG`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30d, 12h, 90s)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+impl Config {
+    /// The defaults, ignoring the environment: for tests and embedding.
+    pub fn defaults() -> Self {
+        // Parsing no arguments with `env` lookups disabled gives exactly the declared
+        // defaults, so they live in one place (the attributes above).
+        let cmd = <Self as clap::CommandFactory>::command();
+        let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+        let matches = cmd.get_matches_from(["catbird-server"]);
+        <Self as clap::FromArgMatches>::from_arg_matches(&matches).expect("defaults parse")
+    }
+}

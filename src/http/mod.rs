@@ -1,0 +1,148 @@
+//! HTTP layer: the router, shared state and the extractors that turn every rejection
+//! into API.md's JSON error shape.
+
+mod messages;
+mod ops;
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use serde::de::DeserializeOwned;
+use tower_http::trace::TraceLayer;
+use uuid::Uuid;
+
+use crate::auth::Auth;
+use crate::did;
+use crate::error::ApiError;
+use crate::relay::Relay;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub relay: Arc<Relay>,
+    pub auth: Arc<Auth>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = messages::body_limit(&state.relay.policy);
+    Router::new()
+        .route("/api/v1/messages", post(messages::send))
+        .route("/api/v1/messages/pending", get(messages::pending))
+        .route("/api/v1/messages/ack", post(messages::ack_many))
+        .route(
+            "/api/v1/messages/{id}",
+            get(messages::fetch).delete(messages::withdraw),
+        )
+        .route("/api/v1/messages/{id}/ack", post(messages::ack_one))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::map_response(json_errors))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Last line of defence: any error response that did not come from [`ApiError`]
+/// (axum's 405, a layer's 413, …) is rewritten into the JSON shape, keeping its headers
+/// (such as `Allow`).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (mut parts, _) = response.into_parts();
+    let mut fresh = ApiError::from_status(status).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in fresh.headers_mut().drain() {
+        if let Some(name) = name {
+            parts.headers.insert(name, value);
+        }
+    }
+    Response::from_parts(parts, fresh.into_body())
+}
+
+/// The authenticated caller: the DID in the bearer token's `sub` claim.
+pub struct Caller(pub String);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
+            })?;
+        state
+            .auth
+            .verify(token)
+            .map(Caller)
+            .map_err(ApiError::Unauthorized)
+    }
+}
+
+/// `Json<T>` whose rejections use our error shape: 400 `invalid_json`, 413, 415.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(
+                ApiError::PayloadTooLarge("request body is larger than this server accepts".into()),
+            ),
+            Err(JsonRejection::BytesRejection(e)) => Err(ApiError::InvalidRequest(e.body_text())),
+            Err(e) => Err(ApiError::InvalidJson(e.body_text())),
+        }
+    }
+}
+
+/// A message id from the path; anything but a UUID is a 400 naming the field.
+pub struct MessageId(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for MessageId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+        Uuid::parse_str(&raw)
+            .map(MessageId)
+            .map_err(|_| ApiError::InvalidRequest(format!("id: {raw:?} is not a UUID")))
+    }
+}
+
+/// `Some(field name)` problem text for a DID that fails the syntax check.
+pub(crate) fn check_did(field: &str, value: &str) -> Result<(), ApiError> {
+    if did::is_valid(value) {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidRequest(format!(
+            "{field} must be a DID like did:plc:ewvi7nxzyoun6zhxrhs64oiz (at most {} characters)",
+            did::MAX_LEN
+        )))
+    }
+}

@@ -1,0 +1,90 @@
+//! Thin entry point: read `.env` and the command line, set up logging, dispatch.
+
+use std::process::ExitCode;
+
+use catbird_server::auth::Auth;
+use catbird_server::config::{Cli, Command, LogFormat};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let dotenv = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.config.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+    if let Err(e) = dotenv
+        && !e.not_found()
+    {
+        tracing::error!("cannot read .env: {e}");
+        return ExitCode::FAILURE;
+    }
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let addr = format!("{}:{}", config.host, config.port);
+            let listener = TcpListener::bind(&addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (HOST/PORT): {e}"))?;
+            catbird_server::run(config, listener, shutdown_signal()).await
+        }
+        Command::Migrate => {
+            catbird_server::open_store(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Token { sub, ttl } => {
+            println!("{}", Auth::from_config(&config)?.mint(&sub, ttl)?);
+            Ok(())
+        }
+        Command::Gc => {
+            let relay = catbird_server::build_relay(&config).await?;
+            let r = catbird_server::retention::sweep(&relay).await?;
+            println!(
+                "expired: {}, delivered: {}, idempotency keys: {}, blobs deleted: {}, blob deletions failed: {}",
+                r.expired, r.delivered, r.idempotency_keys, r.blobs_deleted, r.blobs_failed
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,418 @@
+//! SQLite `MessageStore`: the embedded default.
+//!
+//! WAL mode so readers never wait for the writer, and one dedicated writer connection so
+//! concurrent writes queue in the pool (bounded by the acquire timeout, then 503) instead
+//! of failing with SQLITE_BUSY. Times are integer milliseconds since the epoch.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use super::{
+    AckOutcome, Collected, InsertOutcome, MessageMeta, MessageStore, NewMessage, PendingQuery,
+    PoolSettings, PriorRequest, Receipt, StoreError, idempotency_retention, millis,
+};
+
+/// The database clock, in milliseconds.
+macro_rules! now {
+    () => {
+        "cast(round(unixepoch('subsec') * 1000) as integer)"
+    };
+}
+
+pub struct SqliteStore {
+    /// Exactly one connection: SQLite has one writer at a time anyway.
+    writer: SqlitePool,
+    readers: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str, pool: &PoolSettings) -> Result<Self, anyhow::Error> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid SQLite URL: {e}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a 201 means the row is on disk, even if the machine loses power next.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        if let Some(parent) = options
+            .get_filename()
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the folder {} for DATABASE_URL: {e}",
+                    parent.display()
+                )
+            })?;
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(options.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL {url}: {e}"))?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(pool.max_connections)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL {url}: {e}"))?;
+        Ok(Self { writer, readers })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        // IMMEDIATE takes the write lock up front, so a transaction never has to upgrade
+        // a read lock (which can fail with SQLITE_BUSY whatever the busy timeout).
+        Ok(self.writer.begin_with("begin immediate").await?)
+    }
+}
+
+fn ts(ms: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| sqlx::Error::Decode(format!("timestamp {ms} out of range").into()))
+}
+
+fn uuid(s: &str) -> Result<Uuid, sqlx::Error> {
+    Uuid::parse_str(s).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn meta(row: &SqliteRow) -> Result<MessageMeta, sqlx::Error> {
+    Ok(MessageMeta {
+        id: uuid(row.try_get("id")?)?,
+        convo_id: row.try_get("convo_id")?,
+        seq: row.try_get("seq")?,
+        sender: row.try_get("sender")?,
+        size: row.try_get("size")?,
+        created_at: ts(row.try_get("created_at")?)?,
+        expires_at: ts(row.try_get("expires_at")?)?,
+        blob_key: row.try_get("blob_key")?,
+    })
+}
+
+fn prior(row: &SqliteRow) -> Result<PriorRequest, sqlx::Error> {
+    let recipients: String = row.try_get("recipients")?;
+    Ok(PriorRequest {
+        fingerprint: row.try_get("fingerprint")?,
+        receipt: Receipt {
+            id: uuid(row.try_get("message_id")?)?,
+            convo_id: row.try_get("convo_id")?,
+            seq: row.try_get("seq")?,
+            sender: row.try_get("sender")?,
+            recipients: serde_json::from_str(&recipients)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            size: row.try_get("size")?,
+            created_at: ts(row.try_get("created_at")?)?,
+            expires_at: ts(row.try_get("expires_at")?)?,
+        },
+    })
+}
+
+const SELECT_PRIOR: &str = "select fingerprint, message_id, convo_id, seq, sender, recipients, size, created_at, expires_at \
+     from idempotency_keys where sender = ? and key = ?";
+
+/// Delete one message row inside `tx` and queue its blob; returns the blob key.
+async fn delete_and_queue(
+    tx: &mut Transaction<'static, Sqlite>,
+    blob_key: String,
+) -> Result<String, sqlx::Error> {
+    sqlx::query(concat!(
+        "insert into blob_deletions (blob_key, queued_at) values (?, ",
+        now!(),
+        ") on conflict do nothing"
+    ))
+    .bind(&blob_key)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("delete from messages where blob_key = ?")
+        .bind(&blob_key)
+        .execute(&mut **tx)
+        .await?;
+    Ok(blob_key)
+}
+
+#[async_trait]
+impl MessageStore for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("select 1").execute(&self.readers).await?;
+        Ok(())
+    }
+
+    async fn find_idempotent(
+        &self,
+        sender: &str,
+        key: &str,
+    ) -> Result<Option<PriorRequest>, StoreError> {
+        let row = sqlx::query(SELECT_PRIOR)
+            .bind(sender)
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await?;
+        Ok(row.as_ref().map(prior).transpose()?)
+    }
+
+    async fn insert_message(&self, m: &NewMessage) -> Result<InsertOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        if let Some(idem) = &m.idempotency {
+            // The writer connection is exclusive, so nobody can take the key between
+            // this check and our insert below.
+            if let Some(row) = sqlx::query(SELECT_PRIOR)
+                .bind(&m.sender)
+                .bind(&idem.key)
+                .fetch_optional(&mut *tx)
+                .await?
+            {
+                return Ok(InsertOutcome::KeyTaken(prior(&row)?));
+            }
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "insert into conversations (convo_id, last_seq) values (?, 1) \
+             on conflict (convo_id) do update set last_seq = last_seq + 1 returning last_seq",
+        )
+        .bind(&m.convo_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = sqlx::query(concat!(
+            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
+             values (?, ?, ?, ?, ?, ?, ",
+            now!(),
+            ", ",
+            now!(),
+            " + ?) returning created_at, expires_at"
+        ))
+        .bind(m.id.to_string())
+        .bind(&m.convo_id)
+        .bind(seq)
+        .bind(&m.sender)
+        .bind(&m.blob_key)
+        .bind(m.size)
+        .bind(millis(m.ttl))
+        .fetch_one(&mut *tx)
+        .await?;
+        let created_ms: i64 = row.try_get("created_at")?;
+        let expires_ms: i64 = row.try_get("expires_at")?;
+        let recipients_json =
+            serde_json::to_string(&m.recipients).map_err(|e| StoreError::Other(e.to_string()))?;
+        sqlx::query("insert into recipients (message_id, recipient, created_at) select ?, value, ? from json_each(?)")
+            .bind(m.id.to_string())
+            .bind(created_ms)
+            .bind(&recipients_json)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(idem) = &m.idempotency {
+            sqlx::query(
+                "insert into idempotency_keys \
+                 (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
+                 values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&m.sender)
+            .bind(&idem.key)
+            .bind(&idem.fingerprint)
+            .bind(m.id.to_string())
+            .bind(&m.convo_id)
+            .bind(seq)
+            .bind(&recipients_json)
+            .bind(m.size)
+            .bind(created_ms)
+            .bind(expires_ms)
+            .bind(created_ms.saturating_add(millis(idempotency_retention(m.ttl))))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(InsertOutcome::Created(Receipt {
+            id: m.id,
+            convo_id: m.convo_id.clone(),
+            seq,
+            sender: m.sender.clone(),
+            recipients: m.recipients.clone(),
+            size: m.size,
+            created_at: ts(created_ms)?,
+            expires_at: ts(expires_ms)?,
+        }))
+    }
+
+    async fn get_message(&self, id: Uuid, caller: &str) -> Result<Option<MessageMeta>, StoreError> {
+        let row = sqlx::query(concat!(
+            "select m.id, m.convo_id, m.seq, m.sender, m.size, m.created_at, m.expires_at, m.blob_key \
+             from messages m where m.id = ? and m.expires_at > ",
+            now!(),
+            " and (m.sender = ? or exists (select 1 from recipients r where r.message_id = m.id and r.recipient = ?))"
+        ))
+        .bind(id.to_string())
+        .bind(caller)
+        .bind(caller)
+        .fetch_optional(&self.readers)
+        .await?;
+        Ok(row.as_ref().map(meta).transpose()?)
+    }
+
+    async fn pending(&self, q: &PendingQuery<'_>) -> Result<Vec<MessageMeta>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "select m.id, m.convo_id, m.seq, m.sender, m.size, m.created_at, m.expires_at, m.blob_key \
+             from recipients r join messages m on m.id = r.message_id \
+             where r.recipient = ? and r.acked_at is null and (r.created_at, r.message_id) > (?, ?) \
+             and m.expires_at > ",
+            now!(),
+            " and (? is null or m.convo_id = ?) \
+             order by r.created_at, r.message_id limit ?"
+        ))
+        .bind(q.recipient)
+        .bind(q.after.created_at.timestamp_millis())
+        .bind(if q.after.id.is_nil() { String::new() } else { q.after.id.to_string() })
+        .bind(q.convo_id)
+        .bind(q.convo_id)
+        .bind(q.limit)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows.iter().map(meta).collect::<Result<_, _>>()?)
+    }
+
+    async fn ack(
+        &self,
+        recipient: &str,
+        ids: &[Uuid],
+        delete_delivered: bool,
+    ) -> Result<AckOutcome, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut out = AckOutcome::default();
+        for id in ids {
+            let hit = sqlx::query(concat!(
+                "update recipients set acked_at = coalesce(acked_at, ",
+                now!(),
+                ") where message_id = ? and recipient = ? \
+                 and exists (select 1 from messages m where m.id = recipients.message_id and m.expires_at > ",
+                now!(),
+                ") returning message_id"
+            ))
+            .bind(id.to_string())
+            .bind(recipient)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if hit.is_none() {
+                continue;
+            }
+            out.acked.push(*id);
+            if delete_delivered {
+                let delivered: Option<String> = sqlx::query_scalar(
+                    "select blob_key from messages m where m.id = ? \
+                     and not exists (select 1 from recipients r where r.message_id = m.id and r.acked_at is null)",
+                )
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(key) = delivered {
+                    out.freed_blobs.push(delete_and_queue(&mut tx, key).await?);
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn delete_message(&self, id: Uuid, sender: &str) -> Result<Option<String>, StoreError> {
+        let mut tx = self.begin().await?;
+        let key: Option<String> = sqlx::query_scalar(concat!(
+            "select blob_key from messages where id = ? and sender = ? and expires_at > ",
+            now!()
+        ))
+        .bind(id.to_string())
+        .bind(sender)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(key) = key else { return Ok(None) };
+        let key = delete_and_queue(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(Some(key))
+    }
+
+    async fn collect(&self, delete_delivered: bool, limit: i64) -> Result<Collected, StoreError> {
+        let mut tx = self.begin().await?;
+        let expired: Vec<String> = sqlx::query_scalar(concat!(
+            "select blob_key from messages where expires_at <= ",
+            now!(),
+            " order by expires_at limit ?"
+        ))
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let delivered: Vec<String> = if delete_delivered {
+            sqlx::query_scalar(
+                "select blob_key from messages m \
+                 where not exists (select 1 from recipients r where r.message_id = m.id and r.acked_at is null) limit ?",
+            )
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?
+        } else {
+            Vec::new()
+        };
+        let mut collected = Collected::default();
+        for key in expired {
+            delete_and_queue(&mut tx, key).await?;
+            collected.expired += 1;
+        }
+        for key in delivered {
+            // May have been counted as expired just above; then it is already gone.
+            let gone =
+                sqlx::query_scalar::<_, i64>("select count(*) from messages where blob_key = ?")
+                    .bind(&key)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    == 0;
+            if !gone {
+                delete_and_queue(&mut tx, key).await?;
+                collected.delivered += 1;
+            }
+        }
+        collected.idempotency_keys = sqlx::query(concat!(
+            "delete from idempotency_keys where keep_until <= ",
+            now!()
+        ))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(collected)
+    }
+
+    async fn queued_blob_deletions(&self, limit: i64) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("select blob_key from blob_deletions order by queued_at limit ?")
+                .bind(limit)
+                .fetch_all(&self.readers)
+                .await?,
+        )
+    }
+
+    async fn forget_blob_deletions(&self, keys: &[String]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let json = serde_json::to_string(keys).map_err(|e| StoreError::Other(e.to_string()))?;
+        sqlx::query(
+            "delete from blob_deletions where blob_key in (select value from json_each(?))",
+        )
+        .bind(json)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+}
