@@ -82,6 +82,12 @@ pub struct Config {
           value_parser = positive_duration, global = true)]
     pub database_acquire_timeout: Duration,
 
+    /// Longest a database statement may run or wait for a lock before the request
+    /// answers 503 (PostgreSQL `statement_timeout`; SQLite busy timeout).
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT", default_value = "10s",
+          value_parser = positive_duration, global = true)]
+    pub database_statement_timeout: Duration,
+
     /// Where message ciphertext is kept.
     #[arg(long, env = "BLOB_BACKEND", value_enum, default_value_t = BlobBackend::Filesystem, global = true)]
     pub blob_backend: BlobBackend,

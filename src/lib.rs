@@ -30,6 +30,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore>
     let pool = PoolSettings {
         max_connections: config.database_max_connections,
         acquire_timeout: config.database_acquire_timeout,
+        statement_timeout: config.database_statement_timeout,
     };
     let store = store::connect(&config.database_url, &pool).await?;
     store

@@ -36,11 +36,12 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => Self::Unavailable(e.to_string()),
-            // SQLITE_BUSY / SQLITE_LOCKED, or PostgreSQL going away mid-query: retryable.
+            // SQLITE_BUSY / SQLITE_LOCKED, a statement or lock timeout, or PostgreSQL going
+            // away mid-query: retryable.
             sqlx::Error::Database(ref db)
                 if matches!(
                     db.code().as_deref(),
-                    Some("5" | "6" | "57P01" | "57P02" | "57P03")
+                    Some("5" | "6" | "57014" | "55P03" | "57P01" | "57P02" | "57P03")
                 ) =>
             {
                 Self::Unavailable(e.to_string())
@@ -61,6 +62,7 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 pub struct PoolSettings {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    pub statement_timeout: Duration,
 }
 
 /// Open the store named by `url` (`sqlite://…` or `postgres://…`).
@@ -149,9 +151,9 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    /// Before every message.
+    /// Before every message (none is older than the epoch; both databases can hold it).
     pub const START: Cursor = Cursor {
-        created_at: DateTime::<Utc>::MIN_UTC,
+        created_at: DateTime::<Utc>::UNIX_EPOCH,
         id: Uuid::nil(),
     };
 

@@ -25,7 +25,12 @@ pub struct PostgresStore {
 impl PostgresStore {
     pub async fn connect(url: &str, pool: &PoolSettings) -> Result<Self, anyhow::Error> {
         let options = PgConnectOptions::from_str(url)
-            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))?
+            // A lock that is never released must not hang a request (and its connection).
+            .options([(
+                "statement_timeout",
+                pool.statement_timeout.as_millis().to_string(),
+            )]);
         // Connect lazily: a database that is down at start-up (or goes away later) gives
         // 503s and a failing /readyz until it is back, not a crash loop.
         let pool = PgPoolOptions::new()

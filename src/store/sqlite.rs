@@ -5,7 +5,6 @@
 //! of failing with SQLITE_BUSY. Times are integer milliseconds since the epoch.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -42,7 +41,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a 201 means the row is on disk, even if the machine loses power next.
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(pool.statement_timeout)
             .foreign_keys(true);
         if let Some(parent) = options
             .get_filename()

@@ -59,7 +59,9 @@ impl Backend {
     pub fn postgres() -> Option<Backend> {
         match std::env::var("CATBIRD_TEST_POSTGRES_URL").as_deref() {
             Ok("skip") if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                panic!("CATBIRD_TEST_POSTGRES_URL=skip is not allowed under CI: PostgreSQL tests must run")
+                panic!(
+                    "CATBIRD_TEST_POSTGRES_URL=skip is not allowed under CI: PostgreSQL tests must run"
+                )
             }
             Ok("skip") => {
                 eprintln!("PostgreSQL test skipped (CATBIRD_TEST_POSTGRES_URL=skip)");
@@ -90,9 +92,15 @@ impl PgDb {
                  CATBIRD_TEST_POSTGRES_URL at another, or set it to `skip` to run only SQLite tests."
             )
         });
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}"))).execute(&mut conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-        PgDb { url: format!("{base}/{name}"), name }
+        PgDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
     }
 }
 
@@ -101,12 +109,17 @@ impl Drop for PgDb {
         let (admin, name) = (admin_url(), self.name.clone());
         // Drop runs inside a runtime; do the async clean-up on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("drop database if exists {name} with (force)")))
-                        .execute(&mut conn)
-                        .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "drop database if exists {name} with (force)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
                 }
             });
         })
@@ -126,7 +139,10 @@ impl Data {
             Backend::Sqlite => None,
             Backend::Postgres => Some(PgDb::create().await),
         };
-        Data { dir: tempfile::tempdir().unwrap(), pg }
+        Data {
+            dir: tempfile::tempdir().unwrap(),
+            pg,
+        }
     }
 
     pub fn database_url(&self) -> String {
@@ -177,8 +193,17 @@ impl TestServer {
         let task = tokio::spawn(catbird_server::run(config.clone(), listener, async {
             let _ = stopped.await;
         }));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        let server = TestServer { base, http, config, stop: Some(stop), task: Some(task) };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let server = TestServer {
+            base,
+            http,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        };
         server.wait_ready().await;
         server
     }
@@ -205,7 +230,12 @@ impl TestServer {
     }
 
     pub fn user(&self, did: &str) -> User {
-        User { did: did.to_owned(), token: token(did), base: self.base.clone(), http: self.http.clone() }
+        User {
+            did: did.to_owned(),
+            token: token(did),
+            base: self.base.clone(),
+            http: self.http.clone(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -227,11 +257,19 @@ pub fn token(sub: &str) -> String {
 }
 
 pub fn token_with(claims: Value, secret: &str) -> String {
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()).unwrap()).unwrap()
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 pub fn b64(data: &[u8]) -> String {
@@ -268,17 +306,31 @@ impl Reply {
         let body = if text.is_empty() {
             Value::Null
         } else {
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {text}"))
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{status}: body is not JSON ({e}): {text}"))
         };
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// Asserts the status and, for errors, API.md's error shape with this code.
     pub fn expect(self, status: u16, code: Option<&str>) -> Reply {
-        assert_eq!(self.status.as_u16(), status, "unexpected status; body: {}", self.body);
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "unexpected status; body: {}",
+            self.body
+        );
         if let Some(code) = code {
             assert_eq!(self.body["error"], code, "body: {}", self.body);
-            assert!(self.body["message"].as_str().is_some_and(|m| !m.is_empty()), "body: {}", self.body);
+            assert!(
+                self.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "body: {}",
+                self.body
+            );
             assert_eq!(self.headers["content-type"], "application/json");
         }
         self
@@ -291,7 +343,9 @@ impl Reply {
 
 impl User {
     pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
     }
 
     pub async fn send_raw(&self, body: Value, idempotency_key: Option<&str>) -> Reply {
@@ -304,18 +358,33 @@ impl User {
 
     /// Send `data` and expect 201; returns the response body.
     pub async fn send(&self, convo: &str, recipients: &[&str], data: &[u8]) -> Value {
-        self.send_raw(json!({"encrypted_data": b64(data), "convo_id": convo, "recipients": recipients}), None)
-            .await
-            .expect(201, None)
-            .body
+        self.send_raw(
+            json!({"encrypted_data": b64(data), "convo_id": convo, "recipients": recipients}),
+            None,
+        )
+        .await
+        .expect(201, None)
+        .body
     }
 
     pub async fn fetch(&self, id: &str) -> Reply {
-        Reply::from(self.req(Method::GET, &format!("/api/v1/messages/{id}")).send().await.unwrap()).await
+        Reply::from(
+            self.req(Method::GET, &format!("/api/v1/messages/{id}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn pending(&self, query: &str) -> Reply {
-        Reply::from(self.req(Method::GET, &format!("/api/v1/messages/pending{query}")).send().await.unwrap()).await
+        Reply::from(
+            self.req(Method::GET, &format!("/api/v1/messages/pending{query}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     /// Ids of every pending message, following cursors.
@@ -328,7 +397,13 @@ impl User {
                 q.push_str(&format!("&cursor={c}"));
             }
             let page = self.pending(&q).await.expect(200, None).body;
-            ids.extend(page["messages"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+            ids.extend(
+                page["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["id"].as_str().unwrap().to_owned()),
+            );
             match page["cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_owned()),
                 None => return ids,
@@ -337,17 +412,107 @@ impl User {
     }
 
     pub async fn ack(&self, id: &str) -> Reply {
-        Reply::from(self.req(Method::POST, &format!("/api/v1/messages/{id}/ack")).send().await.unwrap()).await
+        Reply::from(
+            self.req(Method::POST, &format!("/api/v1/messages/{id}/ack"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn ack_many(&self, ids: &[&str]) -> Reply {
         Reply::from(
-            self.req(Method::POST, "/api/v1/messages/ack").json(&json!({ "ids": ids })).send().await.unwrap(),
+            self.req(Method::POST, "/api/v1/messages/ack")
+                .json(&json!({ "ids": ids }))
+                .send()
+                .await
+                .unwrap(),
         )
         .await
     }
 
     pub async fn delete(&self, id: &str) -> Reply {
-        Reply::from(self.req(Method::DELETE, &format!("/api/v1/messages/{id}")).send().await.unwrap()).await
+        Reply::from(
+            self.req(Method::DELETE, &format!("/api/v1/messages/{id}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+}
+
+/// A direct connection to a test server's database, for what HTTP cannot show
+/// (row counts) or cause (many messages sharing one timestamp, a locked database).
+pub enum Db {
+    Sqlite(sqlx::SqliteConnection),
+    Pg(sqlx::PgConnection),
+}
+
+impl Data {
+    pub async fn db(&self) -> Db {
+        match &self.pg {
+            Some(pg) => Db::Pg(sqlx::PgConnection::connect(&pg.url).await.unwrap()),
+            None => Db::Sqlite(
+                sqlx::SqliteConnection::connect(&self.database_url())
+                    .await
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
+impl Db {
+    pub async fn exec(&mut self, sql: &str) {
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Db::Sqlite(c) => sqlx::query(sql).execute(c).await.map(|_| ()),
+            Db::Pg(c) => sqlx::query(sql).execute(c).await.map(|_| ()),
+        }
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub async fn count(&mut self, table: &str) -> i64 {
+        let sql = sqlx::AssertSqlSafe(format!("select count(*) from {table}"));
+        match self {
+            Db::Sqlite(c) => sqlx::query_scalar(sql).fetch_one(c).await.unwrap(),
+            Db::Pg(c) => sqlx::query_scalar(sql).fetch_one(c).await.unwrap(),
+        }
+    }
+
+    /// Hold the database's write lock (SQLite) or an exclusive lock on the conversation
+    /// counters (PostgreSQL) until [`Db::release`]: writes wait, reads go on.
+    pub async fn lock_writes(&mut self) {
+        match self {
+            Db::Sqlite(_) => self.exec("begin immediate").await,
+            Db::Pg(_) => {
+                self.exec("begin").await;
+                self.exec("lock table conversations in exclusive mode")
+                    .await;
+            }
+        }
+    }
+
+    pub async fn release(&mut self) {
+        self.exec("rollback").await
+    }
+
+    /// Give every message (and recipient row) the same creation time.
+    pub async fn same_timestamp(&mut self) {
+        match self {
+            Db::Sqlite(_) => {
+                self.exec("update messages set created_at = 1796300000000")
+                    .await;
+                self.exec("update recipients set created_at = 1796300000000")
+                    .await;
+            }
+            Db::Pg(_) => {
+                self.exec("update messages set created_at = '2026-12-01T00:00:00.000Z'")
+                    .await;
+                self.exec("update recipients set created_at = '2026-12-01T00:00:00.000Z'")
+                    .await;
+            }
+        }
     }
 }
