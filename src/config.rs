@@ -36,6 +36,9 @@ pub enum Command {
     },
     /// Run one clean-up pass (expired and delivered messages, queued blob deletions) and exit.
     Gc,
+    /// Check the R2/S3 bucket (write, read, delete a probe object) and install the
+    /// retention lifecycle rule, keeping the bucket's other rules. Safe to re-run.
+    SetupBucket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -95,6 +98,57 @@ pub struct Config {
     /// Folder of the filesystem blob backend.
     #[arg(long, env = "BLOB_DIR", default_value = "data/blobs", global = true)]
     pub blob_dir: PathBuf,
+
+    /// R2 account id: the endpoint becomes `https://<id>.r2.cloudflarestorage.com`.
+    #[arg(long, env = "R2_ACCOUNT_ID", global = true)]
+    pub r2_account_id: Option<String>,
+
+    /// Explicit S3 endpoint URL (overrides the account id; MinIO, other S3 stores).
+    #[arg(long, env = "R2_ENDPOINT", global = true)]
+    pub r2_endpoint: Option<String>,
+
+    /// Bucket holding the blobs.
+    #[arg(
+        long,
+        env = "R2_BUCKET",
+        default_value = "catbird-messages",
+        global = true
+    )]
+    pub r2_bucket: String,
+
+    /// Access key id (required for `BLOB_BACKEND=r2`).
+    #[arg(long, env = "R2_ACCESS_KEY_ID", global = true)]
+    pub r2_access_key_id: Option<String>,
+
+    /// Secret access key (required for `BLOB_BACKEND=r2`).
+    #[arg(
+        long,
+        env = "R2_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub r2_secret_access_key: Option<String>,
+
+    /// Signing region; R2 uses `auto`.
+    #[arg(long, env = "R2_REGION", default_value = "auto", global = true)]
+    pub r2_region: String,
+
+    /// Key prefix of blobs.
+    #[arg(long, env = "R2_PREFIX", default_value = "messages/", global = true)]
+    pub r2_prefix: String,
+
+    /// Longest wait to open a connection to the object store.
+    #[arg(long, env = "R2_CONNECT_TIMEOUT", default_value = "3s", value_parser = positive_duration, global = true)]
+    pub r2_connect_timeout: Duration,
+
+    /// Longest an object-store operation may take, retries included; then 503.
+    #[arg(long, env = "R2_TIMEOUT", default_value = "10s", value_parser = positive_duration, global = true)]
+    pub r2_timeout: Duration,
+
+    /// Attempts per object-store operation (1 = no retry).
+    #[arg(long, env = "R2_MAX_ATTEMPTS", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=10), global = true)]
+    pub r2_max_attempts: u32,
 
     /// HS256 secret (at least 32 bytes). Without it or a public key, one is generated
     /// into `data/jwt_secret`.

@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod relay;
 pub mod retention;
+pub mod setup;
 pub mod store;
 
 use std::sync::Arc;
@@ -77,6 +78,7 @@ pub async fn run(
         config.gc_interval,
         stop_rx,
     ));
+    let blobs = relay.blobs.clone();
     let app = http::router(http::AppState { relay, auth });
     tracing::info!(%addr, "catbird-server listening");
     axum::serve(listener, app)
@@ -87,7 +89,7 @@ pub async fn run(
         })
         .await?;
     cleanup.await?;
-    tracing::info!("stopped");
+    tracing::info!(blob_ops = ?blobs.operations(), "stopped");
     Ok(())
 }
 

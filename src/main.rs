@@ -64,6 +64,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::SetupBucket => catbird_server::setup::setup_bucket(&config).await,
     }
 }
 

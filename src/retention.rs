@@ -85,6 +85,7 @@ pub async fn run_periodically(
                 blobs_deleted = r.blobs_deleted,
                 blobs_failed = r.blobs_failed,
                 elapsed_ms = started.elapsed().as_millis() as u64,
+                blob_ops = ?relay.blobs.operations(),
                 "clean-up pass finished"
             ),
             Err(e) => tracing::warn!(error = %e, "clean-up pass failed; retrying next interval"),

@@ -11,10 +11,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobStore};
+use super::{BlobError, BlobStore, OpCounter, OpCounts};
 
 pub struct FsBlobStore {
     root: PathBuf,
+    ops: OpCounter,
 }
 
 impl FsBlobStore {
@@ -23,6 +24,7 @@ impl FsBlobStore {
             .map_err(|e| anyhow::anyhow!("cannot create BLOB_DIR {}: {e}", root.display()))?;
         Ok(Self {
             root: root.to_path_buf(),
+            ops: OpCounter::default(),
         })
     }
 
@@ -49,6 +51,7 @@ async fn blocking<T: Send + 'static>(
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn put(&self, data: Bytes) -> Result<String, BlobError> {
+        self.ops.put();
         let key = Uuid::new_v4().to_string();
         let path = self.path(&key)?;
         let tmp = self.root.join(".tmp").join(&key);
@@ -72,6 +75,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
+        self.ops.get();
         let path = self.path(key)?;
         let key = key.to_owned();
         blocking(move || match std::fs::read(&path) {
@@ -83,6 +87,7 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, BlobError> {
+        self.ops.delete();
         let paths: Vec<_> = keys
             .iter()
             .map(|k| (k.clone(), self.path(k).ok()))
@@ -104,7 +109,12 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn ping(&self) -> Result<(), BlobError> {
+        self.ops.head();
         let tmp = self.root.join(".tmp");
         blocking(move || std::fs::metadata(&tmp).map(|_| ()).map_err(io_error)).await
+    }
+
+    fn operations(&self) -> OpCounts {
+        self.ops.snapshot()
     }
 }

@@ -16,7 +16,7 @@ const BOB: &str = "did:plc:bob";
 const CAROL: &str = "did:plc:carol";
 const MALLORY: &str = "did:plc:mallory";
 
-crate::on_both!(
+crate::on_all_backends!(
     send_fetch_pending_ack_roundtrip,
     strangers_can_neither_read_ack_delete_nor_list,
     error_table,
@@ -1060,7 +1060,7 @@ async fn health_and_readiness(b: Backend) {
         .expect(200, None);
     assert_eq!(r.body["status"], "ok");
     // Take the blob folder away: readiness names the blob store.
-    std::fs::remove_dir_all(data.dir.path().join("blobs")).unwrap();
+    std::fs::remove_dir_all(data.blob_root()).unwrap();
     let r = Reply::from(s.http.get(s.url("/readyz")).send().await.unwrap())
         .await
         .expect(503, Some("unavailable"));

@@ -19,6 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::s3_server::S3Server;
+
 pub const SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 pub const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -48,10 +50,33 @@ macro_rules! on_both {
     };
 }
 
+/// Like [`on_both!`], plus `postgres_s3::name`: the production shape, PostgreSQL with
+/// blobs in an S3-compatible server.
+#[macro_export]
+macro_rules! on_all_backends {
+    ($($name:ident),* $(,)?) => {
+        $crate::on_both!($($name),*);
+        mod postgres_s3 {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if $crate::common::Backend::postgres().is_some() {
+                        super::$name($crate::common::Backend::PostgresS3).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
+    /// The embedded default: SQLite and blobs in a folder.
     Sqlite,
+    /// PostgreSQL and blobs in a folder.
     Postgres,
+    /// Production shape: PostgreSQL and blobs in an S3-compatible server.
+    PostgresS3,
 }
 
 impl Backend {
@@ -131,17 +156,23 @@ impl Drop for PgDb {
 pub struct Data {
     pub dir: TempDir,
     pub pg: Option<PgDb>,
+    pub s3: Option<S3Server>,
 }
 
 impl Data {
     pub async fn new(backend: Backend) -> Data {
         let pg = match backend {
             Backend::Sqlite => None,
-            Backend::Postgres => Some(PgDb::create().await),
+            Backend::Postgres | Backend::PostgresS3 => Some(PgDb::create().await),
+        };
+        let s3 = match backend {
+            Backend::PostgresS3 => Some(S3Server::start().await),
+            _ => None,
         };
         Data {
             dir: tempfile::tempdir().unwrap(),
             pg,
+            s3,
         }
     }
 
@@ -159,20 +190,36 @@ impl Data {
         c.blob_dir = self.dir.path().join("blobs");
         c.jwt_secret = Some(SECRET.to_owned());
         c.gc_interval = Duration::from_secs(24 * 3600);
+        if let Some(s3) = &self.s3 {
+            s3.configure(&mut c);
+        }
         c
     }
 
+    /// The folder where blobs end up as files: `BLOB_DIR`, or the S3 server's bucket.
+    pub fn blob_root(&self) -> std::path::PathBuf {
+        match &self.s3 {
+            Some(s3) => s3.bucket_dir(),
+            None => self.dir.path().join("blobs"),
+        }
+    }
+
+    /// Every stored blob, as a file.
     pub fn blob_files(&self) -> Vec<std::path::PathBuf> {
-        let mut out = Vec::new();
-        let root = self.dir.path().join("blobs");
-        for shard in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-            if shard.file_name() == ".tmp" || !shard.path().is_dir() {
-                continue;
-            }
-            for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
-                out.push(f.path());
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_name() == ".tmp" {
+                    continue;
+                }
+                if e.path().is_dir() {
+                    walk(&e.path(), out);
+                } else {
+                    out.push(e.path());
+                }
             }
         }
+        let mut out = Vec::new();
+        walk(&self.blob_root(), &mut out);
         out
     }
 }

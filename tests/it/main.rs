@@ -1,9 +1,11 @@
 //! The project's own tests: one binary (links once), one module per concern.
 
 mod common;
+mod s3_server;
 
 mod api;
 mod auth;
 mod blob_conformance;
 mod process;
+mod r2;
 mod store_conformance;
