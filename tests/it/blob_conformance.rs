@@ -12,9 +12,15 @@ pub async fn conformance(store: Arc<dyn BlobStore>, keys_under: &str) {
 
     // Round trips, including the smallest payload and one of 1 MiB.
     let mut keys = Vec::new();
-    for data in [vec![0u8], b"hello".to_vec(), (0..1 << 20).map(|i| (i % 253) as u8).collect()] {
+    for data in [
+        vec![0u8],
+        b"hello".to_vec(),
+        (0..1 << 20).map(|i| (i % 253) as u8).collect(),
+    ] {
         let key = store.put(Bytes::from(data.clone())).await.unwrap();
-        let id = key.strip_prefix(keys_under).unwrap_or_else(|| panic!("{key} not under {keys_under:?}"));
+        let id = key
+            .strip_prefix(keys_under)
+            .unwrap_or_else(|| panic!("{key} not under {keys_under:?}"));
         assert_eq!(Uuid::parse_str(id).unwrap().get_version_num(), 4, "{key}");
         assert_eq!(store.get(&key).await.unwrap(), data);
         keys.push(key);
@@ -24,7 +30,10 @@ pub async fn conformance(store: Arc<dyn BlobStore>, keys_under: &str) {
 
     // Missing objects.
     let missing = format!("{keys_under}{}", Uuid::new_v4());
-    assert!(matches!(store.get(&missing).await, Err(BlobError::NotFound(_))));
+    assert!(matches!(
+        store.get(&missing).await,
+        Err(BlobError::NotFound(_))
+    ));
 
     // Deleting reports every key gone, including ones that were already missing.
     let mut doomed = keys[..2].to_vec();
@@ -36,8 +45,16 @@ pub async fn conformance(store: Arc<dyn BlobStore>, keys_under: &str) {
     for k in &keys[..2] {
         assert!(matches!(store.get(k).await, Err(BlobError::NotFound(_))));
     }
-    assert_eq!(store.get(&keys[2]).await.unwrap().len(), 1 << 20, "others untouched");
-    assert_eq!(store.delete_many(&keys[..2]).await.unwrap().len(), 2, "deleting twice is fine");
+    assert_eq!(
+        store.get(&keys[2]).await.unwrap().len(),
+        1 << 20,
+        "others untouched"
+    );
+    assert_eq!(
+        store.delete_many(&keys[..2]).await.unwrap().len(),
+        2,
+        "deleting twice is fine"
+    );
     assert!(store.delete_many(&[]).await.unwrap().is_empty());
 }
 
@@ -45,7 +62,9 @@ pub async fn conformance(store: Arc<dyn BlobStore>, keys_under: &str) {
 async fn filesystem() {
     let dir = tempfile::tempdir().unwrap();
     conformance(Arc::new(FsBlobStore::open(dir.path()).unwrap()), "").await;
-    let tmp: Vec<_> = std::fs::read_dir(dir.path().join(".tmp")).unwrap().collect();
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join(".tmp"))
+        .unwrap()
+        .collect();
     assert!(tmp.is_empty(), "no temporary files left behind");
 }
 
@@ -55,7 +74,10 @@ async fn filesystem_rejects_keys_that_are_not_uuids() {
     std::fs::write(dir.path().join("secret"), b"x").unwrap();
     let store = FsBlobStore::open(dir.path()).unwrap();
     for key in ["../secret", "secret", "/etc/passwd", ""] {
-        assert!(matches!(store.get(key).await, Err(BlobError::NotFound(_))), "{key}");
+        assert!(
+            matches!(store.get(key).await, Err(BlobError::NotFound(_))),
+            "{key}"
+        );
     }
     assert!(dir.path().join("secret").exists());
 }

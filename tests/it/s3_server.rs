@@ -31,8 +31,20 @@ pub struct Recorded {
 
 struct Store {
     fs: s3s_fs::FileSystem,
+    root: PathBuf,
     recorded: Arc<Mutex<Recorded>>,
     lifecycle: Arc<Mutex<Option<Vec<LifecycleRule>>>>,
+}
+
+impl Store {
+    /// s3s-fs writes into a missing bucket as if it existed; a real store refuses.
+    fn bucket_exists(&self, bucket: &str) -> S3Result<()> {
+        if self.root.join(bucket).is_dir() {
+            Ok(())
+        } else {
+            Err(s3_error!(NoSuchBucket))
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -56,6 +68,7 @@ impl S3 for Store {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         self.recorded.lock().unwrap().puts.push(req.headers.clone());
+        self.bucket_exists(&req.input.bucket)?;
         self.fs.put_object(req).await
     }
 
@@ -87,6 +100,7 @@ impl S3 for Store {
             .unwrap()
             .deletes
             .push(req.headers.clone());
+        self.bucket_exists(&req.input.bucket)?;
         if !has_integrity {
             return Err(s3_error!(
                 InvalidRequest,
@@ -158,6 +172,7 @@ impl S3Server {
         let lifecycle = Arc::new(Mutex::new(None));
         let store = Store {
             fs: s3s_fs::FileSystem::new(root.path()).unwrap(),
+            root: root.path().to_path_buf(),
             recorded: recorded.clone(),
             lifecycle: lifecycle.clone(),
         };

@@ -50,7 +50,12 @@ async fn insert(store: &dyn MessageStore, m: &NewMessage) -> Receipt {
 }
 
 fn pending<'a>(recipient: &'a str, after: Cursor, limit: i64) -> PendingQuery<'a> {
-    PendingQuery { recipient, convo_id: None, after, limit }
+    PendingQuery {
+        recipient,
+        convo_id: None,
+        after,
+        limit,
+    }
 }
 
 async fn insert_then_get_respects_access(b: Backend) {
@@ -59,21 +64,43 @@ async fn insert_then_get_respects_access(b: Backend) {
     let r = insert(&*store, &m).await;
     assert_eq!((r.id, r.seq, r.size), (m.id, 1, 42));
     assert_eq!(r.recipients, m.recipients);
-    assert_eq!(r.created_at.timestamp_subsec_nanos() % 1_000_000, 0, "millisecond precision");
+    assert_eq!(
+        r.created_at.timestamp_subsec_nanos() % 1_000_000,
+        0,
+        "millisecond precision"
+    );
     assert_eq!(r.expires_at - r.created_at, chrono::Duration::hours(1));
     for who in ["did:plc:a", "did:plc:b", "did:plc:c"] {
         let got = store.get_message(m.id, who).await.unwrap().expect(who);
-        assert_eq!((got.id, got.blob_key.as_str(), got.created_at, got.expires_at), (m.id, m.blob_key.as_str(), r.created_at, r.expires_at));
+        assert_eq!(
+            (
+                got.id,
+                got.blob_key.as_str(),
+                got.created_at,
+                got.expires_at
+            ),
+            (m.id, m.blob_key.as_str(), r.created_at, r.expires_at)
+        );
     }
     assert_eq!(store.get_message(m.id, "did:plc:z").await.unwrap(), None);
-    assert_eq!(store.get_message(Uuid::new_v4(), "did:plc:a").await.unwrap(), None);
+    assert_eq!(
+        store
+            .get_message(Uuid::new_v4(), "did:plc:a")
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 async fn seq_counts_per_conversation(b: Backend) {
     let (_d, store) = open(b).await;
     let mut seqs = Vec::new();
     for convo in ["x", "y", "x", "x", "y"] {
-        seqs.push(insert(&*store, &new_message(convo, "did:plc:a", &["did:plc:b"])).await.seq);
+        seqs.push(
+            insert(&*store, &new_message(convo, "did:plc:a", &["did:plc:b"]))
+                .await
+                .seq,
+        );
     }
     assert_eq!(seqs, [1, 1, 2, 3, 2]);
 }
@@ -81,20 +108,54 @@ async fn seq_counts_per_conversation(b: Backend) {
 async fn idempotency_key_taken_writes_nothing(b: Backend) {
     let (_d, store) = open(b).await;
     let mut first = new_message("c", "did:plc:a", &["did:plc:b"]);
-    first.idempotency = Some(Idempotency { key: "k".into(), fingerprint: "f1".into() });
+    first.idempotency = Some(Idempotency {
+        key: "k".into(),
+        fingerprint: "f1".into(),
+    });
     let receipt = insert(&*store, &first).await;
-    let prior = store.find_idempotent("did:plc:a", "k").await.unwrap().unwrap();
-    assert_eq!((prior.fingerprint.as_str(), &prior.receipt), ("f1", &receipt));
-    assert!(store.find_idempotent("did:plc:other", "k").await.unwrap().is_none());
+    let prior = store
+        .find_idempotent("did:plc:a", "k")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (prior.fingerprint.as_str(), &prior.receipt),
+        ("f1", &receipt)
+    );
+    assert!(
+        store
+            .find_idempotent("did:plc:other", "k")
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     let mut second = new_message("c", "did:plc:a", &["did:plc:b"]);
-    second.idempotency = Some(Idempotency { key: "k".into(), fingerprint: "f2".into() });
+    second.idempotency = Some(Idempotency {
+        key: "k".into(),
+        fingerprint: "f2".into(),
+    });
     match store.insert_message(&second).await.unwrap() {
-        InsertOutcome::KeyTaken(p) => assert_eq!((p.fingerprint.as_str(), p.receipt), ("f1", receipt)),
+        InsertOutcome::KeyTaken(p) => {
+            assert_eq!((p.fingerprint.as_str(), p.receipt), ("f1", receipt))
+        }
         other => panic!("expected KeyTaken, got {other:?}"),
     }
-    assert_eq!(store.pending(&pending("did:plc:b", Cursor::START, 10)).await.unwrap().len(), 1);
-    assert_eq!(insert(&*store, &new_message("c", "did:plc:a", &["did:plc:b"])).await.seq, 2, "seq not consumed");
+    assert_eq!(
+        store
+            .pending(&pending("did:plc:b", Cursor::START, 10))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        insert(&*store, &new_message("c", "did:plc:a", &["did:plc:b"]))
+            .await
+            .seq,
+        2,
+        "seq not consumed"
+    );
 }
 
 async fn pending_orders_pages_and_filters(b: Backend) {
@@ -102,15 +163,26 @@ async fn pending_orders_pages_and_filters(b: Backend) {
     let mut ids = Vec::new();
     for i in 0..7 {
         let convo = if i % 2 == 0 { "even" } else { "odd" };
-        ids.push(insert(&*store, &new_message(convo, "did:plc:a", &["did:plc:b"])).await.id);
+        ids.push(
+            insert(&*store, &new_message(convo, "did:plc:a", &["did:plc:b"]))
+                .await
+                .id,
+        );
         tokio::time::sleep(Duration::from_millis(2)).await; // distinct timestamps: order = send order
     }
-    insert(&*store, &new_message("even", "did:plc:a", &["did:plc:other"])).await;
+    insert(
+        &*store,
+        &new_message("even", "did:plc:a", &["did:plc:other"]),
+    )
+    .await;
 
     let mut seen = Vec::new();
     let mut after = Cursor::START;
     loop {
-        let page = store.pending(&pending("did:plc:b", after, 3)).await.unwrap();
+        let page = store
+            .pending(&pending("did:plc:b", after, 3))
+            .await
+            .unwrap();
         seen.extend(page.iter().map(|m| m.id));
         match page.last() {
             Some(last) if page.len() == 3 => after = Cursor::after(last),
@@ -118,26 +190,82 @@ async fn pending_orders_pages_and_filters(b: Backend) {
         }
     }
     assert_eq!(seen, ids);
-    let odd = store.pending(&PendingQuery { convo_id: Some("odd"), ..pending("did:plc:b", Cursor::START, 10) }).await.unwrap();
-    assert_eq!(odd.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[1], ids[3], ids[5]]);
-    assert!(store.pending(&pending("did:plc:nobody", Cursor::START, 10)).await.unwrap().is_empty());
-    let round_trip = Cursor::decode(&Cursor::after(&store.pending(&pending("did:plc:b", Cursor::START, 1)).await.unwrap()[0]).encode());
-    assert_eq!(store.pending(&pending("did:plc:b", round_trip.unwrap(), 10)).await.unwrap().len(), 6);
+    let odd = store
+        .pending(&PendingQuery {
+            convo_id: Some("odd"),
+            ..pending("did:plc:b", Cursor::START, 10)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        odd.iter().map(|m| m.id).collect::<Vec<_>>(),
+        [ids[1], ids[3], ids[5]]
+    );
+    assert!(
+        store
+            .pending(&pending("did:plc:nobody", Cursor::START, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let round_trip = Cursor::decode(
+        &Cursor::after(
+            &store
+                .pending(&pending("did:plc:b", Cursor::START, 1))
+                .await
+                .unwrap()[0],
+        )
+        .encode(),
+    );
+    assert_eq!(
+        store
+            .pending(&pending("did:plc:b", round_trip.unwrap(), 10))
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
 }
 
 async fn ack_deletes_delivered_and_queues_blob(b: Backend) {
     let (_d, store) = open(b).await;
     let m = new_message("c", "did:plc:a", &["did:plc:b", "did:plc:c"]);
     insert(&*store, &m).await;
-    let out = store.ack("did:plc:b", &[m.id, Uuid::new_v4()], true).await.unwrap();
+    let out = store
+        .ack("did:plc:b", &[m.id, Uuid::new_v4()], true)
+        .await
+        .unwrap();
     assert_eq!((out.acked, out.freed_blobs), (vec![m.id], vec![]));
-    assert!(store.pending(&pending("did:plc:b", Cursor::START, 10)).await.unwrap().is_empty());
-    assert!(store.ack("did:plc:z", &[m.id], true).await.unwrap().acked.is_empty(), "strangers cannot ack");
+    assert!(
+        store
+            .pending(&pending("did:plc:b", Cursor::START, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .ack("did:plc:z", &[m.id], true)
+            .await
+            .unwrap()
+            .acked
+            .is_empty(),
+        "strangers cannot ack"
+    );
     let out = store.ack("did:plc:c", &[m.id], true).await.unwrap();
-    assert_eq!((out.acked, out.freed_blobs), (vec![m.id], vec![m.blob_key.clone()]));
+    assert_eq!(
+        (out.acked, out.freed_blobs),
+        (vec![m.id], vec![m.blob_key.clone()])
+    );
     assert_eq!(store.get_message(m.id, "did:plc:a").await.unwrap(), None);
-    assert_eq!(store.queued_blob_deletions(10).await.unwrap(), vec![m.blob_key.clone()]);
-    store.forget_blob_deletions(&[m.blob_key.clone()]).await.unwrap();
+    assert_eq!(
+        store.queued_blob_deletions(10).await.unwrap(),
+        vec![m.blob_key.clone()]
+    );
+    store
+        .forget_blob_deletions(&[m.blob_key.clone()])
+        .await
+        .unwrap();
     assert!(store.queued_blob_deletions(10).await.unwrap().is_empty());
 }
 
@@ -147,11 +275,29 @@ async fn ack_without_delete_keeps_until_collect(b: Backend) {
     insert(&*store, &m).await;
     let out = store.ack("did:plc:b", &[m.id], false).await.unwrap();
     assert_eq!((out.acked, out.freed_blobs), (vec![m.id], vec![]));
-    assert!(store.get_message(m.id, "did:plc:b").await.unwrap().is_some());
-    assert_eq!(store.collect(false, 100).await.unwrap(), Collected::default());
-    assert_eq!(store.collect(true, 100).await.unwrap(), Collected { delivered: 1, ..Default::default() });
+    assert!(
+        store
+            .get_message(m.id, "did:plc:b")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store.collect(false, 100).await.unwrap(),
+        Collected::default()
+    );
+    assert_eq!(
+        store.collect(true, 100).await.unwrap(),
+        Collected {
+            delivered: 1,
+            ..Default::default()
+        }
+    );
     assert_eq!(store.get_message(m.id, "did:plc:b").await.unwrap(), None);
-    assert_eq!(store.queued_blob_deletions(10).await.unwrap(), vec![m.blob_key]);
+    assert_eq!(
+        store.queued_blob_deletions(10).await.unwrap(),
+        vec![m.blob_key]
+    );
 }
 
 async fn delete_message_is_for_the_sender_only(b: Backend) {
@@ -159,33 +305,84 @@ async fn delete_message_is_for_the_sender_only(b: Backend) {
     let m = new_message("c", "did:plc:a", &["did:plc:b"]);
     insert(&*store, &m).await;
     assert_eq!(store.delete_message(m.id, "did:plc:b").await.unwrap(), None);
-    assert_eq!(store.delete_message(m.id, "did:plc:a").await.unwrap(), Some(m.blob_key.clone()));
+    assert_eq!(
+        store.delete_message(m.id, "did:plc:a").await.unwrap(),
+        Some(m.blob_key.clone())
+    );
     assert_eq!(store.delete_message(m.id, "did:plc:a").await.unwrap(), None);
-    assert!(store.pending(&pending("did:plc:b", Cursor::START, 10)).await.unwrap().is_empty());
-    assert_eq!(store.queued_blob_deletions(10).await.unwrap(), vec![m.blob_key]);
+    assert!(
+        store
+            .pending(&pending("did:plc:b", Cursor::START, 10))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.queued_blob_deletions(10).await.unwrap(),
+        vec![m.blob_key]
+    );
 }
 
 async fn expiry_hides_then_collect_removes(b: Backend) {
     let (_d, store) = open(b).await;
     let mut m = new_message("c", "did:plc:a", &["did:plc:b"]);
     m.ttl = Duration::from_millis(50);
-    m.idempotency = Some(Idempotency { key: "k".into(), fingerprint: "f".into() });
+    m.idempotency = Some(Idempotency {
+        key: "k".into(),
+        fingerprint: "f".into(),
+    });
     insert(&*store, &m).await;
     let live = new_message("c", "did:plc:a", &["did:plc:b"]);
     insert(&*store, &live).await;
     tokio::time::sleep(Duration::from_millis(120)).await;
 
     assert_eq!(store.get_message(m.id, "did:plc:b").await.unwrap(), None);
-    let ids: Vec<Uuid> = store.pending(&pending("did:plc:b", Cursor::START, 10)).await.unwrap().iter().map(|x| x.id).collect();
+    let ids: Vec<Uuid> = store
+        .pending(&pending("did:plc:b", Cursor::START, 10))
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
     assert_eq!(ids, [live.id]);
-    assert!(store.ack("did:plc:b", &[m.id], true).await.unwrap().acked.is_empty());
+    assert!(
+        store
+            .ack("did:plc:b", &[m.id], true)
+            .await
+            .unwrap()
+            .acked
+            .is_empty()
+    );
     assert_eq!(store.delete_message(m.id, "did:plc:a").await.unwrap(), None);
 
     let c = store.collect(true, 100).await.unwrap();
-    assert_eq!(c, Collected { expired: 1, ..Default::default() }, "the idempotency key outlives the message");
-    assert_eq!(store.queued_blob_deletions(10).await.unwrap(), vec![m.blob_key]);
-    assert!(store.get_message(live.id, "did:plc:b").await.unwrap().is_some(), "live messages untouched");
-    assert!(store.find_idempotent("did:plc:a", "k").await.unwrap().is_some());
+    assert_eq!(
+        c,
+        Collected {
+            expired: 1,
+            ..Default::default()
+        },
+        "the idempotency key outlives the message"
+    );
+    assert_eq!(
+        store.queued_blob_deletions(10).await.unwrap(),
+        vec![m.blob_key]
+    );
+    assert!(
+        store
+            .get_message(live.id, "did:plc:b")
+            .await
+            .unwrap()
+            .is_some(),
+        "live messages untouched"
+    );
+    assert!(
+        store
+            .find_idempotent("did:plc:a", "k")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 async fn migrate_twice_and_ping(b: Backend) {
