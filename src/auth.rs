@@ -182,10 +182,24 @@ fn hmac_keys(secret: &[u8]) -> Result<(DecodingKey, EncodingKey), anyhow::Error>
 fn public_key(path: &Path) -> Result<(Algorithm, DecodingKey), anyhow::Error> {
     let pem = std::fs::read(path)
         .map_err(|e| anyhow::anyhow!("cannot read JWT_PUBLIC_KEY_FILE {}: {e}", path.display()))?;
+    // jsonwebtoken would take an RSA private key as a "public" one; this server must
+    // never hold a signing key it does not need.
+    if pem.windows(11).any(|w| w == b"PRIVATE KEY") {
+        anyhow::bail!(
+            "JWT_PUBLIC_KEY_FILE {} holds a private key; give the public key (openssl pkey -in KEY -pubout)",
+            path.display()
+        );
+    }
     if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
         return Ok((Algorithm::RS256, key));
     }
     if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        if !pem_der(&pem).is_some_and(|der| der.windows(P256_OID.len()).any(|w| w == P256_OID)) {
+            anyhow::bail!(
+                "JWT_PUBLIC_KEY_FILE {} is an EC key on a curve other than P-256; ES256 needs P-256",
+                path.display()
+            );
+        }
         return Ok((Algorithm::ES256, key));
     }
     if let Ok(key) = DecodingKey::from_ed_pem(&pem) {
@@ -195,6 +209,20 @@ fn public_key(path: &Path) -> Result<(Algorithm, DecodingKey), anyhow::Error> {
         "JWT_PUBLIC_KEY_FILE {} is not a PEM public key of a supported type (RSA, P-256 or Ed25519)",
         path.display()
     )
+}
+
+/// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as it appears in an SPKI.
+const P256_OID: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// The DER bytes of a single-block PEM file.
+fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(pem).ok()?;
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .map(str::trim)
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
 /// Read the development secret, creating it (mode 0600) on first use.

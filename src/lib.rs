@@ -65,8 +65,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let auth = Arc::new(Auth::from_config(&config)?);
     let relay = Arc::new(build_relay(&config).await?);
+    let auth = Arc::new(Auth::from_config(&config)?);
     let addr = listener.local_addr()?;
     if let Some(path) = &auth.generated_secret {
         print_dev_banner(&auth, path, addr);

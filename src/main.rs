@@ -1,5 +1,6 @@
 //! Thin entry point: read `.env` and the command line, set up logging, dispatch.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use catbird_server::auth::Auth;
@@ -15,7 +16,8 @@ async fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cli.config.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),

@@ -300,8 +300,7 @@ impl MessageStore for PostgresStore {
 
     async fn collect(&self, delete_delivered: bool, limit: i64) -> Result<Collected, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut collected = Collected::default();
-        collected.expired = sqlx::query(
+        let expired = sqlx::query(
             "with d as (delete from messages where id in \
                  (select id from messages where expires_at <= now() order by expires_at limit $1) \
                  returning blob_key) \
@@ -311,8 +310,8 @@ impl MessageStore for PostgresStore {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if delete_delivered {
-            collected.delivered = sqlx::query(
+        let delivered = if delete_delivered {
+            sqlx::query(
                 "with d as (delete from messages where id in \
                      (select m.id from messages m where not exists \
                          (select 1 from recipients r where r.message_id = m.id and r.acked_at is null) limit $1) \
@@ -322,15 +321,21 @@ impl MessageStore for PostgresStore {
             .bind(limit)
             .execute(&mut *tx)
             .await?
-            .rows_affected();
-        }
-        collected.idempotency_keys =
+            .rows_affected()
+        } else {
+            0
+        };
+        let idempotency_keys =
             sqlx::query("delete from idempotency_keys where keep_until <= now()")
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
         tx.commit().await?;
-        Ok(collected)
+        Ok(Collected {
+            expired,
+            delivered,
+            idempotency_keys,
+        })
     }
 
     async fn queued_blob_deletions(&self, limit: i64) -> Result<Vec<String>, StoreError> {

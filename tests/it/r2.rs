@@ -17,6 +17,9 @@ use crate::s3_server::{BUCKET, S3Server, black_hole};
 
 const BOB: &str = "did:plc:bob";
 
+/// One change to a configuration, for table-driven tests.
+type Tweak = fn(&mut Config);
+
 fn s3_config(s3: &S3Server) -> Config {
     let mut c = Config::defaults();
     s3.configure(&mut c);
@@ -160,16 +163,11 @@ async fn c03_cleanup_deletes_in_batches_and_retries_failures() {
     assert_eq!((r.blobs_deleted, r.blobs_failed), (3, 0), "{r:?}");
     assert!(s3.keys().is_empty());
     assert_eq!(db.count("blob_deletions").await, 0);
-    let recorded = s3.recorded.lock().unwrap();
-    assert_eq!(
-        recorded.deletes.len() - deletes_before,
-        1,
-        "one batch request"
-    );
+    let deletes = s3.recorded.lock().unwrap().deletes.len();
+    assert_eq!(deletes - deletes_before, 1, "one batch request");
     assert_eq!(relay.blobs.operations().delete, 1);
 
     // An object already gone counts as deleted.
-    drop(recorded);
     let key = relay
         .blobs
         .put(bytes::Bytes::from_static(b"x"))
@@ -246,7 +244,7 @@ async fn c04_c06_unreachable_or_silent_store_is_503_quickly_and_reads_go_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_and_missing_bucket_are_503_and_store_nothing() {
     let s3 = S3Server::start().await;
-    let tweaks: [(&str, fn(&mut Config)); 3] = [
+    let tweaks: [(&str, Tweak); 3] = [
         ("wrong secret", |c| {
             c.r2_secret_access_key = Some("not-the-secret".into())
         }),
@@ -306,7 +304,7 @@ async fn c05_startup_checks_name_the_variable() {
         "endpoint overrides account id"
     );
 
-    let cases: [(&str, fn(&mut Config)); 7] = [
+    let cases: [(&str, Tweak); 7] = [
         ("R2_ACCESS_KEY_ID", |c| c.r2_access_key_id = None),
         ("R2_SECRET_ACCESS_KEY", |c| {
             c.r2_secret_access_key = Some(" ".into())

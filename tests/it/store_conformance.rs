@@ -263,7 +263,7 @@ async fn ack_deletes_delivered_and_queues_blob(b: Backend) {
         vec![m.blob_key.clone()]
     );
     store
-        .forget_blob_deletions(&[m.blob_key.clone()])
+        .forget_blob_deletions(std::slice::from_ref(&m.blob_key))
         .await
         .unwrap();
     assert!(store.queued_blob_deletions(10).await.unwrap().is_empty());
