@@ -179,6 +179,11 @@ pub struct Config {
     #[arg(long, env = "GC_INTERVAL", default_value = "1h", value_parser = positive_duration, global = true)]
     pub gc_interval: Duration,
 
+    /// Age after which a blob that no message references (left by a crash or a failed
+    /// send) is deleted by clean-up. Use `0s` only while no server is running.
+    #[arg(long, env = "ORPHAN_GRACE", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
+    pub orphan_grace: Duration,
+
     /// Largest decoded payload, in bytes.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1_048_576,
           value_parser = clap::value_parser!(u64).range(1..=(256 << 20)), global = true)]

@@ -54,6 +54,7 @@ pub async fn build_relay(config: &Config) -> anyhow::Result<Relay> {
             max_recipients: config.max_recipients,
             delete_on_delivery: config.delete_on_delivery,
             page_data_budget: PAGE_DATA_BUDGET.max(config.max_message_bytes),
+            orphan_grace: config.orphan_grace,
         },
     })
 }

@@ -61,9 +61,20 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             let relay = catbird_server::build_relay(&config).await?;
             let r = catbird_server::retention::sweep(&relay).await?;
             println!(
-                "expired: {}, delivered: {}, idempotency keys: {}, blobs deleted: {}, blob deletions failed: {}",
-                r.expired, r.delivered, r.idempotency_keys, r.blobs_deleted, r.blobs_failed
+                "expired: {}, delivered: {}, idempotency keys: {}, blobs deleted: {}, blob deletions failed: {}, \
+                 orphans deleted: {}",
+                r.expired,
+                r.delivered,
+                r.idempotency_keys,
+                r.blobs_deleted,
+                r.blobs_failed,
+                r.orphans_deleted
             );
+            if r.incomplete() {
+                anyhow::bail!(
+                    "clean-up incomplete: the blob store failed (see the log); the next pass retries"
+                );
+            }
             Ok(())
         }
         Command::SetupBucket => catbird_server::setup::setup_bucket(&config).await,

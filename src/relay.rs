@@ -32,6 +32,8 @@ pub struct Policy {
     pub delete_on_delivery: bool,
     /// Stop adding messages to an `include_data` page once it holds this many bytes.
     pub page_data_budget: u64,
+    /// Unreferenced blobs younger than this are left alone (a send may be in flight).
+    pub orphan_grace: Duration,
 }
 
 pub struct Relay {
@@ -121,7 +123,8 @@ impl Relay {
     }
 
     /// Compensation for a send that did not commit. If this fails too, the blob is an
-    /// orphan: no row names it, and clean-up removes it.
+    /// orphan: no row names it, and clean-up removes it once it is older than
+    /// `ORPHAN_GRACE`.
     async fn discard_blob(&self, key: &str) {
         if let Err(e) = self.blobs.delete_many(&[key.to_owned()]).await {
             tracing::warn!(error = %e, "could not delete the blob of a failed send; clean-up will");

@@ -1,11 +1,13 @@
-//! Clean-up: expired and fully-delivered messages, retired idempotency keys, and the
-//! queue of blobs whose rows are gone. The background task and `catbird-server gc` run
-//! the same [`sweep`].
+//! Clean-up: expired and fully-delivered messages, retired idempotency keys, the queue
+//! of blobs whose rows are gone, and orphans (blobs no row references, left by a crash
+//! between upload and commit). The background task and `catbird-server gc` run the
+//! same [`sweep`].
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
+use crate::blob::BlobError;
 use crate::relay::Relay;
 use crate::store::StoreError;
 
@@ -20,10 +22,21 @@ pub struct SweepReport {
     pub blobs_deleted: u64,
     /// Blobs still queued because the store refused or failed; retried next pass.
     pub blobs_failed: u64,
+    /// Unreferenced blobs older than the grace period, deleted.
+    pub orphans_deleted: u64,
+    /// The orphan scan stopped on a blob-store error; retried next pass.
+    pub orphan_scan_failed: bool,
+}
+
+impl SweepReport {
+    /// Whether something was left for the next pass because the blob store failed.
+    pub fn incomplete(&self) -> bool {
+        self.blobs_failed > 0 || self.orphan_scan_failed
+    }
 }
 
 /// One complete clean-up pass.
-pub async fn sweep(relay: &Relay) -> Result<SweepReport, StoreError> {
+pub async fn sweep(relay: &Relay) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
     loop {
         let c = relay
@@ -60,7 +73,55 @@ pub async fn sweep(relay: &Relay) -> Result<SweepReport, StoreError> {
             break;
         }
     }
+    match sweep_orphans(relay, &mut report.orphans_deleted).await {
+        Ok(()) => {}
+        Err(SweepError::Store(e)) => return Err(e.into()),
+        Err(SweepError::Blob(e)) => {
+            tracing::warn!(error = %e, "orphan scan failed; retrying next pass");
+            report.orphan_scan_failed = true;
+        }
+    }
     Ok(report)
+}
+
+/// Delete blobs that no message references and that are older than the grace period.
+/// The grace period covers sends in flight: their blob exists before their row does.
+async fn sweep_orphans(relay: &Relay, deleted: &mut u64) -> Result<(), SweepError> {
+    let cutoff = SystemTime::now() - relay.policy.orphan_grace;
+    let mut page = None;
+    loop {
+        let listed = relay.blobs.list(page).await?;
+        let old: Vec<String> = listed
+            .blobs
+            .into_iter()
+            .filter(|(_, t)| *t <= cutoff)
+            .map(|(k, _)| k)
+            .collect();
+        if !old.is_empty() {
+            let referenced = relay.store.referenced_blobs(&old).await?;
+            let orphans: Vec<String> = old
+                .into_iter()
+                .filter(|k| !referenced.contains(k))
+                .collect();
+            if !orphans.is_empty() {
+                let gone = relay.blobs.delete_many(&orphans).await?;
+                tracing::info!(count = gone.len(), "deleted orphan blobs");
+                *deleted += gone.len() as u64;
+            }
+        }
+        match listed.next {
+            Some(next) => page = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SweepError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
 }
 
 /// Run [`sweep`] every `interval` until `shutdown` turns true.
@@ -84,6 +145,8 @@ pub async fn run_periodically(
                 idempotency_keys = r.idempotency_keys,
                 blobs_deleted = r.blobs_deleted,
                 blobs_failed = r.blobs_failed,
+                orphans_deleted = r.orphans_deleted,
+                incomplete = r.incomplete(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 blob_ops = ?relay.blobs.operations(),
                 "clean-up pass finished"

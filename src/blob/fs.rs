@@ -6,12 +6,16 @@
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobStore, OpCounter, OpCounts};
+use super::{BlobError, BlobPage, BlobStore, OpCounter, OpCounts};
+
+/// Age after which a temporary file can only be left over from a crash.
+const STALE_TMP: Duration = Duration::from_secs(3600);
 
 pub struct FsBlobStore {
     root: PathBuf,
@@ -22,6 +26,22 @@ impl FsBlobStore {
     pub fn open(root: &Path) -> Result<Self, anyhow::Error> {
         std::fs::create_dir_all(root.join(".tmp"))
             .map_err(|e| anyhow::anyhow!("cannot create BLOB_DIR {}: {e}", root.display()))?;
+        // Temporary files of puts cut short by a crash. Only old ones: another process
+        // (`catbird-server gc` beside a running server) may be writing the young ones.
+        let stale = SystemTime::now() - STALE_TMP;
+        for entry in std::fs::read_dir(root.join(".tmp"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < stale)
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Self {
             root: root.to_path_buf(),
             ops: OpCounter::default(),
@@ -104,6 +124,39 @@ impl BlobStore for FsBlobStore {
                 }
             }
             Ok(gone)
+        })
+        .await
+    }
+
+    /// One shard folder per page, so memory stays bounded by 1/256 of the blobs.
+    async fn list(&self, page: Option<String>) -> Result<BlobPage, BlobError> {
+        self.ops.list();
+        let root = self.root.clone();
+        blocking(move || {
+            let mut shards: Vec<String> = std::fs::read_dir(&root)
+                .map_err(io_error)?
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .filter(|n| page.as_ref().is_none_or(|after| n > after))
+                .collect();
+            shards.sort();
+            let Some(shard) = shards.first() else {
+                return Ok(BlobPage::default());
+            };
+            let mut blobs = Vec::new();
+            for entry in std::fs::read_dir(root.join(shard))
+                .map_err(io_error)?
+                .flatten()
+            {
+                let (Ok(name), Ok(meta)) = (entry.file_name().into_string(), entry.metadata())
+                else {
+                    continue;
+                };
+                blobs.push((name, meta.modified().map_err(io_error)?));
+            }
+            let next = (shards.len() > 1).then(|| shard.clone());
+            Ok(BlobPage { blobs, next })
         })
         .await
     }

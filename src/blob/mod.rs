@@ -6,6 +6,7 @@ mod s3;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -39,11 +40,21 @@ pub trait BlobStore: Send + Sync {
     /// gone). Keys not returned failed and should be retried later.
     async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, BlobError>;
 
+    /// One page of stored blobs with their last-modified times, for the orphan sweep;
+    /// pass the returned `next` to get the following page.
+    async fn list(&self, page: Option<String>) -> Result<BlobPage, BlobError>;
+
     /// Cheap check that the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), BlobError>;
 
     /// Requests made so far, by kind: what an object store bills.
     fn operations(&self) -> OpCounts;
+}
+
+#[derive(Debug, Default)]
+pub struct BlobPage {
+    pub blobs: Vec<(String, SystemTime)>,
+    pub next: Option<String>,
 }
 
 /// Object-store requests by kind. R2 bills PUT and LIST as Class A, GET and HEAD as
@@ -76,7 +87,6 @@ impl OpCounter {
     pub(crate) fn delete(&self) {
         self.delete.fetch_add(1, Relaxed);
     }
-    #[allow(dead_code)] // listing arrives with the orphan sweep
     pub(crate) fn list(&self) {
         self.list.fetch_add(1, Relaxed);
     }

@@ -19,7 +19,7 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobStore, OpCounter, OpCounts};
+use super::{BlobError, BlobPage, BlobStore, OpCounter, OpCounts};
 use crate::config::Config;
 
 /// DeleteObjects takes at most this many keys per request.
@@ -241,6 +241,35 @@ impl BlobStore for S3BlobStore {
             );
         }
         Ok(gone)
+    }
+
+    async fn list(&self, page: Option<String>) -> Result<BlobPage, BlobError> {
+        self.ops.list();
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .set_continuation_token(page)
+            .send()
+            .await
+            .map_err(|e| unavailable("ListObjectsV2", e))?;
+        let blobs = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())?;
+                Some((o.key()?.to_owned(), modified))
+            })
+            .collect();
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_owned)
+        } else {
+            None
+        };
+        Ok(BlobPage { blobs, next })
     }
 
     async fn ping(&self) -> Result<(), BlobError> {

@@ -8,6 +8,7 @@
 mod postgres;
 mod sqlite;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -253,6 +254,9 @@ pub trait MessageStore: Send + Sync {
 
     /// Forget queued keys whose blobs are gone.
     async fn forget_blob_deletions(&self, keys: &[String]) -> Result<(), StoreError>;
+
+    /// The subset of `keys` that a message row still references.
+    async fn referenced_blobs(&self, keys: &[String]) -> Result<HashSet<String>, StoreError>;
 }
 
 /// How long an idempotency key is kept: as long as the message, and at least 24 hours.

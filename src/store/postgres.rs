@@ -5,6 +5,7 @@
 //! and in commit order), and a message row is locked while it is acknowledged (so the
 //! last two recipients acknowledging at once cannot both miss "fully delivered").
 
+use std::collections::HashSet;
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -356,5 +357,14 @@ impl MessageStore for PostgresStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn referenced_blobs(&self, keys: &[String]) -> Result<HashSet<String>, StoreError> {
+        let found: Vec<String> =
+            sqlx::query_scalar("select blob_key from messages where blob_key = any($1)")
+                .bind(keys)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(found.into_iter().collect())
     }
 }

@@ -4,6 +4,7 @@
 //! concurrent writes queue in the pool (bounded by the acquire timeout, then 503) instead
 //! of failing with SQLITE_BUSY. Times are integer milliseconds since the epoch.
 
+use std::collections::HashSet;
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -413,5 +414,16 @@ impl MessageStore for SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(())
+    }
+
+    async fn referenced_blobs(&self, keys: &[String]) -> Result<HashSet<String>, StoreError> {
+        let json = serde_json::to_string(keys).map_err(|e| StoreError::Other(e.to_string()))?;
+        let found: Vec<String> = sqlx::query_scalar(
+            "select blob_key from messages where blob_key in (select value from json_each(?))",
+        )
+        .bind(json)
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(found.into_iter().collect())
     }
 }

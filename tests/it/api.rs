@@ -36,6 +36,7 @@ crate::on_all_backends!(
     c12_locked_database_is_503_and_reads_go_on,
     c15_failed_write_leaves_no_blob_and_missing_blob_is_404,
     health_and_readiness,
+    cleanup_removes_old_orphans_only,
 );
 
 async fn start(b: Backend) -> (Data, TestServer) {
@@ -1088,4 +1089,41 @@ fn c13_migrations_are_pinned_to_lf() {
             );
         }
     }
+}
+
+async fn cleanup_removes_old_orphans_only(b: Backend) {
+    let (data, s) = start(b).await;
+    let alice = s.user(ALICE);
+    let id = alice.send("c", &[BOB], b"referenced").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // An orphan, as a crash between upload and commit leaves it.
+    let relay = catbird_server::build_relay(&s.config).await.unwrap();
+    relay
+        .blobs
+        .put(bytes::Bytes::from_static(b"orphan"))
+        .await
+        .unwrap();
+    assert_eq!(data.blob_files().len(), 2);
+
+    // Within the grace period (default 1 h) it may belong to a send in flight: kept.
+    let r = catbird_server::retention::sweep(&relay).await.unwrap();
+    assert_eq!(r.orphans_deleted, 0);
+    assert_eq!(data.blob_files().len(), 2);
+
+    let mut config = s.config.clone();
+    config.orphan_grace = Duration::ZERO;
+    let relay = catbird_server::build_relay(&config).await.unwrap();
+    let r = catbird_server::retention::sweep(&relay).await.unwrap();
+    assert_eq!(r.orphans_deleted, 1, "{r:?}");
+    let left = data.blob_files();
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        std::fs::read(&left[0]).unwrap(),
+        b"referenced",
+        "a referenced blob is never an orphan"
+    );
+    s.user(BOB).fetch(&id).await.expect(200, None);
+    assert!(relay.blobs.operations().list >= 1);
 }

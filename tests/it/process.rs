@@ -294,6 +294,7 @@ fn gc_counts(stdout: &str) -> HashMap<String, u64> {
         "idempotency keys",
         "blobs deleted",
         "blob deletions failed",
+        "orphans deleted",
     ] {
         assert!(counts.contains_key(name), "gc line lacks {name:?}: {line}");
     }
