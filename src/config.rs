@@ -184,6 +184,11 @@ pub struct Config {
     #[arg(long, env = "ORPHAN_GRACE", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
     pub orphan_grace: Duration,
 
+    /// How often the background clean-up also scans the blob store for orphans (each
+    /// scan lists every blob: billed LIST requests on R2).
+    #[arg(long, env = "ORPHAN_SCAN_INTERVAL", default_value = "24h", value_parser = positive_duration, global = true)]
+    pub orphan_scan_interval: Duration,
+
     /// Largest decoded payload, in bytes.
     #[arg(long, env = "MAX_MESSAGE_BYTES", default_value_t = 1_048_576,
           value_parser = clap::value_parser!(u64).range(1..=(256 << 20)), global = true)]

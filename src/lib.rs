@@ -77,6 +77,7 @@ pub async fn run(
     let cleanup = tokio::spawn(retention::run_periodically(
         relay.clone(),
         config.gc_interval,
+        config.orphan_scan_interval,
         stop_rx,
     ));
     let blobs = relay.blobs.clone();

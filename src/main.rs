@@ -31,7 +31,6 @@ async fn main() -> ExitCode {
     match execute(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -60,6 +59,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Gc => {
             let relay = catbird_server::build_relay(&config).await?;
             let r = catbird_server::retention::sweep(&relay).await?;
+            println!("object-store requests made: {:?}", relay.blobs.operations());
             println!(
                 "expired: {}, delivered: {}, idempotency keys: {}, blobs deleted: {}, blob deletions failed: {}, \
                  orphans deleted: {}",

@@ -35,8 +35,14 @@ impl SweepReport {
     }
 }
 
-/// One complete clean-up pass.
+/// One complete clean-up pass, orphan scan included (what `catbird-server gc` runs).
 pub async fn sweep(relay: &Relay) -> anyhow::Result<SweepReport> {
+    sweep_pass(relay, true).await
+}
+
+/// One clean-up pass; the orphan scan lists the whole blob store (billed LIST requests
+/// on R2), so the periodic task runs it only every `ORPHAN_SCAN_INTERVAL`.
+async fn sweep_pass(relay: &Relay, scan_orphans: bool) -> anyhow::Result<SweepReport> {
     let mut report = SweepReport::default();
     loop {
         let c = relay
@@ -72,6 +78,9 @@ pub async fn sweep(relay: &Relay) -> anyhow::Result<SweepReport> {
             report.blobs_failed += failed;
             break;
         }
+    }
+    if !scan_orphans {
+        return Ok(report);
     }
     match sweep_orphans(relay, &mut report.orphans_deleted).await {
         Ok(()) => {}
@@ -124,12 +133,15 @@ enum SweepError {
     Blob(#[from] BlobError),
 }
 
-/// Run [`sweep`] every `interval` until `shutdown` turns true.
+/// Run a clean-up pass every `interval` (with an orphan scan every `orphan_interval`)
+/// until `shutdown` turns true.
 pub async fn run_periodically(
     relay: std::sync::Arc<Relay>,
     interval: Duration,
+    orphan_interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut last_orphan_scan: Option<Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -138,7 +150,12 @@ pub async fn run_periodically(
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let started = Instant::now();
-        match sweep(&relay).await {
+        let scan_orphans = last_orphan_scan.is_none_or(|t| t.elapsed() >= orphan_interval);
+        let result = sweep_pass(&relay, scan_orphans).await;
+        if scan_orphans && result.as_ref().is_ok_and(|r| !r.orphan_scan_failed) {
+            last_orphan_scan = Some(started);
+        }
+        match result {
             Ok(r) => tracing::info!(
                 expired = r.expired,
                 delivered = r.delivered,

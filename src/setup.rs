@@ -84,7 +84,20 @@ pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
         .map_err(|e| fail("deleting the probe object", &DisplayErrorContext(&e)))?;
     println!("ok    write, read and delete of a probe object");
 
-    // 2. Merge our retention rule into the existing lifecycle configuration.
+    // 2. Merge our retention rule into the existing lifecycle configuration. On R2,
+    // lifecycle rules are a bucket setting: an "Object Read & Write" token cannot
+    // touch them, and that refusal deserves its own explanation.
+    let lifecycle_fail = |step: &str, code: Option<&str>, e: &dyn std::fmt::Display| {
+        if code == Some("AccessDenied") {
+            anyhow::anyhow!(
+                "{step} failed: access denied. Objects work, but lifecycle rules need a token with bucket \
+                 (Admin Read & Write) permission: run setup-bucket once with such a token, or add the rule \
+                 in the dashboard (see R2_SETUP.md). Details: {e}"
+            )
+        } else {
+            fail(step, e)
+        }
+    };
     let existing = match client
         .get_bucket_lifecycle_configuration()
         .bucket(bucket)
@@ -94,10 +107,8 @@ pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
         Ok(out) => out.rules().to_vec(),
         Err(e) if e.code() == Some("NoSuchLifecycleConfiguration") => Vec::new(),
         Err(e) => {
-            return Err(fail(
-                "reading the lifecycle configuration",
-                &DisplayErrorContext(&e),
-            ));
+            let step = "reading the lifecycle configuration";
+            return Err(lifecycle_fail(step, e.code(), &DisplayErrorContext(&e)));
         }
     };
     let days = rule_days(config.message_ttl);
@@ -149,10 +160,8 @@ pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
             .send()
             .await
             .map_err(|e| {
-                fail(
-                    "writing the lifecycle configuration",
-                    &DisplayErrorContext(&e),
-                )
+                let step = "writing the lifecycle configuration";
+                lifecycle_fail(step, e.code(), &DisplayErrorContext(&e))
             })?;
         println!(
             "ok    {} rule {RULE_ID}: expire {:?} after {days} days (MESSAGE_TTL + 1 day); kept {} other rule(s)",
@@ -165,6 +174,10 @@ pub async fn setup_bucket(config: &Config) -> anyhow::Result<()> {
             others.len()
         );
     }
+    println!(
+        "object-store requests made: {:?}",
+        crate::blob::BlobStore::operations(&store)
+    );
     println!("bucket ready: start the server with BLOB_BACKEND=r2");
     Ok(())
 }

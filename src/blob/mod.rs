@@ -57,8 +57,9 @@ pub struct BlobPage {
     pub next: Option<String>,
 }
 
-/// Object-store requests by kind. R2 bills PUT and LIST as Class A, GET and HEAD as
-/// Class B; DELETE is free. One DeleteObjects request counts once, whatever its size.
+/// Object-store requests by kind, retries included. R2 bills PUT and LIST as Class A,
+/// GET and HEAD as Class B; DELETE is free. One DeleteObjects request counts once,
+/// whatever its size.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct OpCounts {
     pub put: u64,

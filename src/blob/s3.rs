@@ -6,13 +6,17 @@
 //! requires one (C01, C02); connect and whole-operation timeouts with bounded retries
 //! (C06); uploads from a sized in-memory buffer, so every PUT has a Content-Length (C08).
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
@@ -29,7 +33,47 @@ pub struct S3BlobStore {
     client: Client,
     bucket: String,
     prefix: String,
-    ops: OpCounter,
+    ops: Arc<OpCounter>,
+}
+
+/// Counts every HTTP request the SDK sends, retries included: that is what R2 bills.
+#[derive(Debug)]
+struct CountRequests(Arc<OpCounter>);
+
+impl Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountRequests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        _: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let request = context.request();
+        let query = request
+            .uri()
+            .split_once('?')
+            .map(|(_, q)| q)
+            .unwrap_or_default();
+        match request.method() {
+            "HEAD" => self.0.head(),
+            "PUT" => self.0.put(),
+            "DELETE" => self.0.delete(),
+            "POST"
+                if query
+                    .split('&')
+                    .any(|p| p == "delete" || p.starts_with("delete=")) =>
+            {
+                self.0.delete()
+            }
+            "GET" if query.split('&').any(|p| p == "list-type=2") => self.0.list(),
+            "GET" => self.0.get(),
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Where the store lives and how to reach it, checked at start-up.
@@ -103,6 +147,7 @@ impl S3Settings {
 
 impl S3BlobStore {
     pub fn new(s: &S3Settings) -> Self {
+        let ops = Arc::new(OpCounter::default());
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(s.connect_timeout)
             .operation_timeout(s.timeout)
@@ -124,12 +169,13 @@ impl S3BlobStore {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .timeout_config(timeouts)
             .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts))
+            .interceptor(CountRequests(ops.clone()))
             .build();
         Self {
             client: Client::from_conf(config),
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
-            ops: OpCounter::default(),
+            ops,
         }
     }
 
@@ -156,7 +202,6 @@ fn unavailable<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fm
 impl BlobStore for S3BlobStore {
     async fn put(&self, data: Bytes) -> Result<String, BlobError> {
         let key = format!("{}{}", self.prefix, Uuid::new_v4());
-        self.ops.put();
         let len = data.len() as i64;
         self.client
             .put_object()
@@ -172,7 +217,6 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
-        self.ops.get();
         let out = match self
             .client
             .get_object()
@@ -208,7 +252,6 @@ impl BlobStore for S3BlobStore {
                 .quiet(true)
                 .build()
                 .map_err(|e| BlobError::Other(e.to_string()))?;
-            self.ops.delete();
             // DeleteObjects requires an integrity header by spec; the SDK adds it
             // even with checksums "when required" (C03).
             let out = self
@@ -244,7 +287,6 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn list(&self, page: Option<String>) -> Result<BlobPage, BlobError> {
-        self.ops.list();
         let out = self
             .client
             .list_objects_v2()
@@ -273,7 +315,6 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn ping(&self) -> Result<(), BlobError> {
-        self.ops.head();
         self.client
             .head_bucket()
             .bucket(&self.bucket)

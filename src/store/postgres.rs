@@ -130,10 +130,12 @@ impl MessageStore for PostgresStore {
         .bind(&m.convo_id)
         .fetch_one(&mut *tx)
         .await?;
+        // clock_timestamp(), read after the conversation row is locked, so creation
+        // times follow seq order within a conversation (now() is the transaction start).
         let row = sqlx::query(
             "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
              select $1, $2, $3, $4, $5, $6, t, t + $7 * interval '1 millisecond' \
-             from (select date_trunc('milliseconds', now()) as t) now \
+             from (select date_trunc('milliseconds', clock_timestamp()) as t) now \
              returning created_at, expires_at",
         )
         .bind(m.id)
