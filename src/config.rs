@@ -203,6 +203,33 @@ pub struct Config {
     #[arg(long, env = "DELETE_ON_DELIVERY", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     pub delete_on_delivery: bool,
 
+    /// Requests per minute one caller (DID) may make, sustained; 0 turns the limit off.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_PER_MINUTE",
+        default_value_t = 600,
+        global = true
+    )]
+    pub rate_limit_per_minute: u32,
+
+    /// Requests one caller may make at once above the sustained rate.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    pub rate_limit_burst: u32,
+
+    /// Longest a request may take; then 503 `unavailable` (the work is abandoned).
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = positive_duration, global = true)]
+    pub request_timeout: Duration,
+
+    /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    pub shutdown_timeout: Duration,
+
+    /// Browser origins allowed by CORS, comma-separated (`https://app.example.com`), or
+    /// `*` for any. Empty: no CORS headers (native clients and curl need none).
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "", global = true)]
+    pub cors_allowed_origins: String,
+
     /// Log format: `text` for people, `json` for machines (filter with `RUST_LOG`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,

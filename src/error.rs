@@ -33,6 +33,8 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("send the body as JSON with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    #[error("too many requests from this caller; retry after the time in Retry-After")]
+    RateLimited(std::time::Duration),
     #[error("{0}")]
     Unavailable(String),
     /// A bug. The cause is logged where the error is turned into a response, never sent.
@@ -56,6 +58,7 @@ impl ApiError {
             Self::IdempotencyConflict => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -71,6 +74,7 @@ impl ApiError {
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::RateLimited(_) => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
@@ -86,6 +90,7 @@ impl ApiError {
                 Self::PayloadTooLarge("request body is too large".into())
             }
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
+            StatusCode::TOO_MANY_REQUESTS => Self::RateLimited(std::time::Duration::from_secs(1)),
             StatusCode::UNAUTHORIZED => {
                 Self::Unauthorized("missing or invalid bearer token".into())
             }
@@ -126,6 +131,10 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECS),
                 );
+            }
+            Self::RateLimited(wait) => {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             _ => {}
         }

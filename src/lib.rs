@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod relay;
 pub mod retention;
+mod serve;
 pub mod setup;
 pub mod store;
 
@@ -73,24 +74,47 @@ pub async fn run(
         print_dev_banner(&auth, path, addr);
     }
 
+    let rate_limit = http::RateLimit::from_config(&config);
+    let blobs = relay.blobs.clone();
+    let app = http::router(
+        http::AppState {
+            relay: relay.clone(),
+            auth,
+            rate_limit,
+        },
+        &config,
+    )?;
+
     let (stop_tx, stop_rx) = watch::channel(false);
-    let cleanup = tokio::spawn(retention::run_periodically(
-        relay.clone(),
+    let mut cleanup = tokio::spawn(retention::run_periodically(
+        relay,
         config.gc_interval,
         config.orphan_scan_interval,
         stop_rx,
     ));
-    let blobs = relay.blobs.clone();
-    let app = http::router(http::AppState { relay, auth });
     tracing::info!(%addr, "catbird-server listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    let deadline = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let deadline = deadline.clone();
+        async move {
             shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = deadline.set(tokio::time::Instant::now() + config.shutdown_timeout);
             let _ = stop_tx.send(true);
-        })
-        .await?;
-    cleanup.await?;
+        }
+    };
+    serve::serve(listener, app, shutdown, config.shutdown_timeout).await;
+    // The clean-up task stops at its next check. A pass cut short is safe (each step is
+    // a transaction or an idempotent delete), so it gets what is left of the deadline.
+    let deadline = deadline
+        .get()
+        .copied()
+        .unwrap_or_else(tokio::time::Instant::now);
+    if tokio::time::timeout_at(deadline, &mut cleanup)
+        .await
+        .is_err()
+    {
+        cleanup.abort();
+    }
     tracing::info!(blob_ops = ?blobs.operations(), "stopped");
     Ok(())
 }

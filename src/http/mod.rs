@@ -1,8 +1,11 @@
 //! HTTP layer: the router, shared state and the extractors that turn every rejection
 //! into API.md's JSON error shape.
 
+mod limits;
 mod messages;
 mod ops;
+
+pub use limits::RateLimit;
 
 use std::sync::Arc;
 
@@ -14,10 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use serde::de::DeserializeOwned;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
 use crate::auth::Auth;
+use crate::config::Config;
 use crate::did;
 use crate::error::ApiError;
 use crate::relay::Relay;
@@ -26,11 +31,15 @@ use crate::relay::Relay;
 pub struct AppState {
     pub relay: Arc<Relay>,
     pub auth: Arc<Auth>,
+    /// Per-caller token bucket; `None` when `RATE_LIMIT_PER_MINUTE` is 0.
+    pub rate_limit: Option<Arc<RateLimit>>,
 }
 
-pub fn router(state: AppState) -> Router {
+/// The whole HTTP surface. Fails (at start-up) on a CORS setting that cannot work.
+pub fn router(state: AppState, config: &Config) -> anyhow::Result<Router> {
     let body_limit = messages::body_limit(&state.relay.policy);
-    Router::new()
+    let cors = limits::cors(&config.cors_allowed_origins)?;
+    let router = Router::new()
         .route("/api/v1/messages", post(messages::send))
         .route("/api/v1/messages/pending", get(messages::pending))
         .route("/api/v1/messages/ack", post(messages::ack_many))
@@ -43,9 +52,18 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .fallback(|| async { ApiError::RouteNotFound })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(middleware::map_response(json_errors))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        // A server-side stall is our problem, not the client's: 503, not 408.
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            config.request_timeout,
+        ))
+        .layer(middleware::map_response(json_errors));
+    // Outside the error mapping, so error responses carry CORS headers too.
+    let router = match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    Ok(router.layer(TraceLayer::new_for_http()).with_state(state))
 }
 
 /// Last line of defence: any error response that did not come from [`ApiError`]
@@ -71,7 +89,8 @@ async fn json_errors(response: Response) -> Response {
     Response::from_parts(parts, fresh.into_body())
 }
 
-/// The authenticated caller: the DID in the bearer token's `sub` claim.
+/// The authenticated caller: the DID in the bearer token's `sub` claim, within its
+/// rate limit.
 pub struct Caller(pub String);
 
 impl FromRequestParts<AppState> for Caller {
@@ -92,11 +111,11 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
             })?;
-        state
-            .auth
-            .verify(token)
-            .map(Caller)
-            .map_err(ApiError::Unauthorized)
+        let caller = state.auth.verify(token).map_err(ApiError::Unauthorized)?;
+        if let Some(limit) = &state.rate_limit {
+            limit.check(&caller).map_err(ApiError::RateLimited)?;
+        }
+        Ok(Caller(caller))
     }
 }
 
