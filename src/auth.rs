@@ -35,8 +35,9 @@ pub struct Auth {
 
 #[derive(Deserialize)]
 struct Claims {
-    sub: String,
-    iat: Option<i64>,
+    sub: Option<String>,
+    /// A NumericDate may have a fraction (RFC 7519 §2).
+    iat: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -132,16 +133,19 @@ impl Auth {
                 _ => "token is malformed".to_owned(),
             })?;
         if let Some(iat) = data.claims.iat
-            && iat > (unix_now() + self.leeway) as i64
+            && iat > (unix_now() + self.leeway) as f64
         {
             return Err("token issued in the future (iat)".to_owned());
         }
-        if !did::is_valid(&data.claims.sub) {
+        let Some(sub) = data.claims.sub else {
+            return Err("token has no `sub` claim".to_owned());
+        };
+        if !did::is_valid(&sub) {
             return Err(
                 "token `sub` must be a DID, like did:plc:ewvi7nxzyoun6zhxrhs64oiz".to_owned(),
             );
         }
-        Ok(data.claims.sub)
+        Ok(sub)
     }
 
     /// Sign a token this server accepts (HS256 configurations only).

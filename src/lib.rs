@@ -46,10 +46,10 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn MessageStore>
 pub async fn build_relay(config: &Config) -> anyhow::Result<Relay> {
     let blobs = blob::from_config(config).await?;
     let store = open_store(config).await?;
-    Ok(Relay {
+    Ok(Relay::new(
         store,
         blobs,
-        policy: Policy {
+        Policy {
             message_ttl: config.message_ttl,
             max_message_bytes: config.max_message_bytes,
             max_recipients: config.max_recipients,
@@ -57,7 +57,7 @@ pub async fn build_relay(config: &Config) -> anyhow::Result<Relay> {
             page_data_budget: PAGE_DATA_BUDGET.max(config.max_message_bytes),
             orphan_grace: config.orphan_grace,
         },
-    })
+    ))
 }
 
 /// Serve on `listener` until `shutdown` completes: migrations, HTTP, and the periodic

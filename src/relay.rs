@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::blob::{BlobError, BlobStore};
@@ -19,6 +20,9 @@ use crate::store::{
     Cursor, Idempotency, InsertOutcome, MessageMeta, MessageStore, NewMessage, PendingQuery,
     Receipt,
 };
+
+/// Payload bytes all `include_data` pages together may hold in memory: 64 MiB.
+const PAGE_MEMORY_KIB: u32 = 64 * 1024;
 
 /// Concurrent blob reads for one `include_data` page.
 const PAGE_FETCH_CONCURRENCY: usize = 8;
@@ -40,6 +44,9 @@ pub struct Relay {
     pub store: Arc<dyn MessageStore>,
     pub blobs: Arc<dyn BlobStore>,
     pub policy: Policy,
+    /// Payload bytes (in KiB permits) that `include_data` pages may hold at once, so
+    /// many concurrent pages wait instead of growing memory without bound.
+    page_memory: Arc<Semaphore>,
 }
 
 /// A validated send request.
@@ -62,6 +69,8 @@ pub struct Sent {
 pub struct Page {
     pub messages: Vec<(MessageMeta, Option<Bytes>)>,
     pub next: Option<Cursor>,
+    /// Held until the page is dropped (after it is serialised).
+    _memory: Option<OwnedSemaphorePermit>,
 }
 
 impl Outgoing {
@@ -81,6 +90,16 @@ impl Outgoing {
 }
 
 impl Relay {
+    pub fn new(store: Arc<dyn MessageStore>, blobs: Arc<dyn BlobStore>, policy: Policy) -> Self {
+        let page_memory = Arc::new(Semaphore::new(PAGE_MEMORY_KIB as usize));
+        Self {
+            store,
+            blobs,
+            policy,
+            page_memory,
+        }
+    }
+
     pub async fn send(&self, out: Outgoing) -> Result<Sent, ApiError> {
         let idempotency = out.idempotency_key.as_ref().map(|key| Idempotency {
             key: key.clone(),
@@ -191,6 +210,16 @@ impl Relay {
         } else {
             None
         };
+        let memory = if include_data {
+            let kib: u64 = rows.iter().map(|m| (m.size as u64).div_ceil(1024)).sum();
+            let kib = u32::try_from(kib)
+                .unwrap_or(u32::MAX)
+                .clamp(1, PAGE_MEMORY_KIB);
+            let permit = self.page_memory.clone().acquire_many_owned(kib).await;
+            Some(permit.expect("the semaphore is never closed"))
+        } else {
+            None
+        };
         let messages = if include_data {
             futures::stream::iter(rows)
                 .map(|m| async move {
@@ -208,7 +237,11 @@ impl Relay {
         } else {
             rows.into_iter().map(|m| (m, None)).collect()
         };
-        Ok(Page { messages, next })
+        Ok(Page {
+            messages,
+            next,
+            _memory: memory,
+        })
     }
 
     /// Acknowledge `ids` (de-duplicated by the caller); returns those that were found.

@@ -151,13 +151,15 @@ fn decode_payload(b64: &str, max: u64) -> Result<Bytes, ApiError> {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
     let bad = || {
         ApiError::InvalidRequest(format!(
             "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
         ))
+    };
+    let Some(value) = super::single_header(headers, "idempotency-key")
+        .map_err(|()| ApiError::InvalidRequest("send at most one Idempotency-Key header".into()))?
+    else {
+        return Ok(None);
     };
     let bytes = value.as_bytes();
     if bytes.is_empty()
@@ -334,10 +336,12 @@ pub(super) async fn ack_many(
         )));
     }
     let mut ids = Vec::with_capacity(body.ids.len());
+    let mut seen = HashSet::with_capacity(body.ids.len());
     for (i, raw) in body.ids.iter().enumerate() {
-        let id = Uuid::parse_str(raw)
-            .map_err(|_| ApiError::InvalidRequest(format!("ids[{i}] is not a UUID")))?;
-        if !ids.contains(&id) {
+        let id = super::parse_id(raw).ok_or_else(|| {
+            ApiError::InvalidRequest(format!("ids[{i}] must be a lowercase hyphenated UUID"))
+        })?;
+        if seen.insert(id) {
             ids.push(id);
         }
     }

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use serde::de::DeserializeOwned;
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use uuid::Uuid;
@@ -51,7 +52,9 @@ pub fn router(state: AppState, config: &Config) -> anyhow::Result<Router> {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .fallback(|| async { ApiError::RouteNotFound })
-        .layer(DefaultBodyLimit::max(body_limit))
+        // Checks Content-Length up front (413 before reading), and the body as it streams.
+        .layer(DefaultBodyLimit::disable())
+        .layer(RequestBodyLimitLayer::new(body_limit))
         // A server-side stall is our problem, not the client's: 503, not 408.
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -97,9 +100,8 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
+        let value = single_header(&parts.headers, header::AUTHORIZATION.as_str())
+            .map_err(|()| ApiError::Unauthorized("send exactly one Authorization header".into()))?
             .ok_or_else(|| ApiError::Unauthorized("send `Authorization: Bearer <token>`".into()))?;
         let token = value
             .to_str()
@@ -148,9 +150,33 @@ impl<S: Send + Sync> FromRequestParts<S> for MessageId {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-        Uuid::parse_str(&raw)
-            .map(MessageId)
-            .map_err(|_| ApiError::InvalidRequest(format!("id: {raw:?} is not a UUID")))
+        parse_id(&raw).map(MessageId).ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "id must be a lowercase hyphenated UUID, as the server returned it".into(),
+            )
+        })
+    }
+}
+
+/// A message id exactly as the server writes them (lowercase, hyphenated), so that the
+/// ids a client sends and gets back compare equal as strings.
+pub(crate) fn parse_id(raw: &str) -> Option<Uuid> {
+    let id = Uuid::try_parse(raw).ok()?;
+    (raw.len() == 36 && id.hyphenated().to_string() == raw).then_some(id)
+}
+
+/// The value of a header that may appear at most once; `Err` when it is repeated (a
+/// proxy may merge or reorder repeats, so guessing which one counts is unsafe).
+pub(crate) fn single_header<'a>(
+    headers: &'a axum::http::HeaderMap,
+    name: &str,
+) -> Result<Option<&'a axum::http::HeaderValue>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        Err(())
+    } else {
+        Ok(first)
     }
 }
 
