@@ -115,7 +115,15 @@ pub async fn run(
     {
         cleanup.abort();
     }
-    tracing::info!(blob_ops = ?blobs.operations(), "stopped");
+    let ops = blobs.operations();
+    tracing::info!(
+        blob_put = ops.put,
+        blob_get = ops.get,
+        blob_delete = ops.delete,
+        blob_list = ops.list,
+        blob_head = ops.head,
+        "stopped"
+    );
     Ok(())
 }
 

@@ -155,6 +155,7 @@ pub async fn run_periodically(
         if scan_orphans && result.as_ref().is_ok_and(|r| !r.orphan_scan_failed) {
             last_orphan_scan = Some(started);
         }
+        let ops = relay.blobs.operations();
         match result {
             Ok(r) => tracing::info!(
                 expired = r.expired,
@@ -165,7 +166,11 @@ pub async fn run_periodically(
                 orphans_deleted = r.orphans_deleted,
                 incomplete = r.incomplete(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
-                blob_ops = ?relay.blobs.operations(),
+                blob_put = ops.put,
+                blob_get = ops.get,
+                blob_delete = ops.delete,
+                blob_list = ops.list,
+                blob_head = ops.head,
                 "clean-up pass finished"
             ),
             Err(e) => tracing::warn!(error = %e, "clean-up pass failed; retrying next interval"),

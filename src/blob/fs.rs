@@ -6,7 +6,6 @@
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -14,8 +13,8 @@ use uuid::Uuid;
 
 use super::{BlobError, BlobPage, BlobStore, OpCounter, OpCounts};
 
-/// Age after which a temporary file can only be left over from a crash.
-const STALE_TMP: Duration = Duration::from_secs(3600);
+/// Folder of files being written; renamed into a shard once complete.
+const TMP: &str = ".tmp";
 
 pub struct FsBlobStore {
     root: PathBuf,
@@ -24,24 +23,8 @@ pub struct FsBlobStore {
 
 impl FsBlobStore {
     pub fn open(root: &Path) -> Result<Self, anyhow::Error> {
-        std::fs::create_dir_all(root.join(".tmp"))
+        std::fs::create_dir_all(root.join(TMP))
             .map_err(|e| anyhow::anyhow!("cannot create BLOB_DIR {}: {e}", root.display()))?;
-        // Temporary files of puts cut short by a crash. Only old ones: another process
-        // (`catbird-server gc` beside a running server) may be writing the young ones.
-        let stale = SystemTime::now() - STALE_TMP;
-        for entry in std::fs::read_dir(root.join(".tmp"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t < stale)
-            {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
         Ok(Self {
             root: root.to_path_buf(),
             ops: OpCounter::default(),
@@ -49,10 +32,16 @@ impl FsBlobStore {
     }
 
     /// The file of `key`; keys are UUIDs, so nothing else can name a path.
+    /// Temporary files are listed (and deleted by the orphan sweep) as `.tmp/<uuid>`:
+    /// a put cut short by a crash leaves one behind.
     fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
-        let id = Uuid::parse_str(key).map_err(|_| BlobError::NotFound(key.to_owned()))?;
+        let (dir, id) = match key.strip_prefix(".tmp/") {
+            Some(id) => (Some(TMP), id),
+            None => (None, key),
+        };
+        let id = Uuid::parse_str(id).map_err(|_| BlobError::NotFound(key.to_owned()))?;
         let name = id.hyphenated().to_string();
-        Ok(self.root.join(&name[..2]).join(name))
+        Ok(self.root.join(dir.unwrap_or(&name[..2])).join(name))
     }
 }
 
@@ -74,7 +63,7 @@ impl BlobStore for FsBlobStore {
         self.ops.put();
         let key = Uuid::new_v4().to_string();
         let path = self.path(&key)?;
-        let tmp = self.root.join(".tmp").join(&key);
+        let tmp = self.root.join(TMP).join(&key);
         blocking(move || {
             let dir = path.parent().expect("sharded path has a parent");
             std::fs::create_dir_all(dir).map_err(io_error)?;
@@ -137,7 +126,7 @@ impl BlobStore for FsBlobStore {
                 .map_err(io_error)?
                 .flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .filter(|n| n == TMP || (n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit())))
                 .filter(|n| page.as_ref().is_none_or(|after| n > after))
                 .collect();
             shards.sort();
@@ -153,7 +142,12 @@ impl BlobStore for FsBlobStore {
                 else {
                     continue;
                 };
-                blobs.push((name, meta.modified().map_err(io_error)?));
+                let key = if shard == TMP {
+                    format!("{TMP}/{name}")
+                } else {
+                    name
+                };
+                blobs.push((key, meta.modified().map_err(io_error)?));
             }
             let next = (shards.len() > 1).then(|| shard.clone());
             Ok(BlobPage { blobs, next })
@@ -163,7 +157,7 @@ impl BlobStore for FsBlobStore {
 
     async fn ping(&self) -> Result<(), BlobError> {
         self.ops.head();
-        let tmp = self.root.join(".tmp");
+        let tmp = self.root.join(TMP);
         blocking(move || std::fs::metadata(&tmp).map(|_| ()).map_err(io_error)).await
     }
 

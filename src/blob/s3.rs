@@ -109,12 +109,12 @@ impl S3Settings {
                 format!("https://{id}.r2.cloudflarestorage.com")
             }
             (None, None) => anyhow::bail!(
-                "BLOB_BACKEND=r2 needs R2_ACCOUNT_ID (Cloudflare) or R2_ENDPOINT (any S3 store)"
+                "the R2/S3 blob store needs R2_ACCOUNT_ID (Cloudflare) or R2_ENDPOINT (any S3 store)"
             ),
         };
         let required = |v: &Option<String>, name: &str| match v.as_deref() {
             Some(s) if !s.trim().is_empty() => Ok(s.to_owned()),
-            _ => Err(anyhow::anyhow!("BLOB_BACKEND=r2 needs {name}")),
+            _ => Err(anyhow::anyhow!("the R2/S3 blob store needs {name}")),
         };
         let bucket = c.r2_bucket.clone();
         let valid_bucket = (3..=63).contains(&bucket.len())

@@ -6,6 +6,7 @@ mod s3_server;
 mod api;
 mod auth;
 mod blob_conformance;
+mod crash;
 mod hardening;
 mod limits;
 mod process;

@@ -35,7 +35,7 @@ const STOP_LIMIT: Duration = Duration::from_secs(10);
 const PENDING: &str = "/api/v1/messages/pending";
 
 /// A port nobody listens on right now: bind port 0, keep the number, release it.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -44,7 +44,7 @@ fn free_port() -> u16 {
 }
 
 /// The binary in `dir` with only PATH, HOST, PORT and `env` set (later entries win).
-fn catbird(dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Command {
+pub(crate) fn catbird(dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear();
     if let Some(path) = std::env::var_os("PATH") {
@@ -62,8 +62,8 @@ fn catbird(dir: &Path, port: u16, args: &[&str], env: &[(&str, &str)]) -> Comman
 static SPAWNED: AtomicUsize = AtomicUsize::new(0);
 
 /// A child process that is killed if the test fails before it exits on its own.
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
     what: String,
     stdout: PathBuf,
     stderr: PathBuf,
@@ -71,7 +71,7 @@ struct Proc {
 
 impl Proc {
     /// Spawn `cmd` with stdout/stderr captured into files under `logs`.
-    fn spawn(mut cmd: Command, logs: &Path, what: &str) -> Proc {
+    pub(crate) fn spawn(mut cmd: Command, logs: &Path, what: &str) -> Proc {
         let n = SPAWNED.fetch_add(1, Ordering::Relaxed);
         let stdout = logs.join(format!("proc-{n}.stdout"));
         let stderr = logs.join(format!("proc-{n}.stderr"));
@@ -92,12 +92,12 @@ impl Proc {
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
     /// Wait for the exit (polling, so the runtime keeps running), or panic after `limit`.
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
+    pub(crate) async fn wait(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -137,14 +137,14 @@ impl Drop for Proc {
 }
 
 /// What a one-shot command left behind.
-struct Done {
+pub(crate) struct Done {
     status: ExitStatus,
-    stdout: String,
-    stderr: String,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Done {
-    fn assert_success(&self, what: &str) {
+    pub(crate) fn assert_success(&self, what: &str) {
         assert!(
             self.status.success(),
             "`{what}` failed with {}\n--- stdout:\n{}\n--- stderr:\n{}",
@@ -156,7 +156,7 @@ impl Done {
 }
 
 /// Run `catbird-server <args>` in `dir` to completion (bounded by [`COMMAND_LIMIT`]).
-async fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Done {
+pub(crate) async fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Done {
     let what = format!("catbird-server {}", args.join(" "));
     let mut proc = Proc::spawn(catbird(dir, free_port(), args, env), dir, &what);
     let status = proc.wait(COMMAND_LIMIT).await;
@@ -168,14 +168,14 @@ async fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Done {
 }
 
 /// `catbird-server serve` on a free port, up and healthy.
-struct Server {
-    proc: Proc,
-    base: String,
+pub(crate) struct Server {
+    pub(crate) proc: Proc,
+    pub(crate) base: String,
     http: reqwest::Client,
 }
 
 impl Server {
-    async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
+    pub(crate) async fn start(dir: &Path, env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let mut proc = Proc::spawn(catbird(dir, port, &["serve"], env), dir, "serve");
         let base = format!("http://127.0.0.1:{port}");
@@ -239,7 +239,7 @@ impl Server {
     }
 
     /// SIGTERM, then the exit status (panics if it takes longer than [`STOP_LIMIT`]).
-    async fn stop(mut self) -> ExitStatus {
+    pub(crate) async fn stop(mut self) -> ExitStatus {
         self.proc.terminate();
         self.proc.wait(STOP_LIMIT).await
     }
