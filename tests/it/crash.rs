@@ -20,6 +20,9 @@ use crate::process::{Server, run};
 const BOB: &str = "did:plc:bob";
 const CAROL: &str = "did:plc:carol";
 
+/// A message the server answered 201 for: its id and payload.
+type Sent = (String, Vec<u8>);
+
 /// The environment that makes the binary use `c`'s storage.
 fn env_of(c: &Config) -> Vec<(&'static str, String)> {
     let mut env = vec![
@@ -60,7 +63,7 @@ async fn kill_9_under_load_loses_nothing(b: Backend) {
     let server = Server::start(dir, &as_refs(&env)).await;
 
     // Eight clients send as fast as they can; every 201 is remembered.
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let acked: Arc<Mutex<Vec<Sent>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
