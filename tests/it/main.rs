@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod blob_conformance;
 mod crash;
+mod faults;
 mod hardening;
 mod limits;
 mod process;
