@@ -69,7 +69,7 @@ pub struct Sent {
 pub struct Page {
     pub messages: Vec<(MessageMeta, Option<Bytes>)>,
     pub next: Option<Cursor>,
-    /// Held until the page is dropped (after it is serialised).
+    /// Held until the handler has turned the page into its response (base64 built).
     _memory: Option<OwnedSemaphorePermit>,
 }
 

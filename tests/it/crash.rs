@@ -24,7 +24,7 @@ const CAROL: &str = "did:plc:carol";
 type Sent = (String, Vec<u8>);
 
 /// The environment that makes the binary use `c`'s storage.
-fn env_of(c: &Config) -> Vec<(&'static str, String)> {
+pub(crate) fn env_of(c: &Config) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("DATABASE_URL", c.database_url.clone()),
         ("BLOB_DIR", c.blob_dir.display().to_string()),

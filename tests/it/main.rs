@@ -12,4 +12,5 @@ mod hardening;
 mod limits;
 mod process;
 mod r2;
+mod soak;
 mod store_conformance;
