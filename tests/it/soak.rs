@@ -99,7 +99,7 @@ async fn mixed_load_loses_nothing(b: Backend) {
                             tally.open.insert(v["id"].as_str().unwrap().to_owned(), others.iter().cloned().collect());
                         }
                     }
-                    let with_data = round % 2 == 0;
+                    let with_data = round.is_multiple_of(2);
                     let url = format!("{base}/api/v1/messages/pending?limit=50&include_data={with_data}");
                     let r = http.get(url).bearer_auth(&t).send().await.unwrap();
                     record(r.status().as_u16());
@@ -142,7 +142,7 @@ async fn mixed_load_loses_nothing(b: Backend) {
     }
     let elapsed = started.elapsed();
     let rss_end = rss_kib(pid);
-    let tally = tally.lock().unwrap();
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     let requests: u64 = tally.by_status.values().sum();
     println!(
         "soak {b:?}: {clients} clients, {secs} s load + drain in {elapsed:.1?}: {} messages, {requests} requests \
