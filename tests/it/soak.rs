@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use crate::common::{Backend, Data, b64, token, unb64};
 use crate::process::Server;
 
-fn setting(name: &str, default: u64) -> u64 {
+/// A numeric knob from the environment, for running these tests at full scale.
+pub(crate) fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
