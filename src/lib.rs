@@ -137,7 +137,8 @@ fn print_dev_banner(auth: &Auth, secret_file: &std::path::Path, addr: std::net::
         "\nNo JWT_SECRET or JWT_PUBLIC_KEY_FILE set: using the development secret in {}.\n\
          A token for {sub}, valid 24 h:\n\n  export TOKEN={token}\n\n\
          Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/messages/pending\n\
-         More: catbird-server token --sub did:plc:alice\n",
-        secret_file.display()
+         More: {exe} token --sub did:plc:alice\n",
+        secret_file.display(),
+        exe = std::env::args().next().unwrap_or_else(|| "catbird-server".into()),
     );
 }
