@@ -230,6 +230,11 @@ pub struct Config {
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", default_value = "", global = true)]
     pub cors_allowed_origins: String,
 
+    /// Serve Prometheus metrics at `GET /metrics` (no auth: keep it off the public
+    /// internet, or turn it off).
+    #[arg(long, env = "METRICS_ENABLED", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    pub metrics_enabled: bool,
+
     /// Log format: `text` for people, `json` for machines (filter with `RUST_LOG`).
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod did;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod relay;
 pub mod retention;
 mod serve;
@@ -139,6 +140,8 @@ fn print_dev_banner(auth: &Auth, secret_file: &std::path::Path, addr: std::net::
          Try:  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/messages/pending\n\
          More: {exe} token --sub did:plc:alice\n",
         secret_file.display(),
-        exe = std::env::args().next().unwrap_or_else(|| "catbird-server".into()),
+        exe = std::env::args()
+            .next()
+            .unwrap_or_else(|| "catbird-server".into()),
     );
 }

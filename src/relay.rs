@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::blob::{BlobError, BlobStore};
 use crate::error::ApiError;
+use crate::metrics::{MessageEvent, Metrics};
 use crate::store::{
     Cursor, Idempotency, InsertOutcome, MessageMeta, MessageStore, NewMessage, PendingQuery,
     Receipt,
@@ -44,6 +45,7 @@ pub struct Relay {
     pub store: Arc<dyn MessageStore>,
     pub blobs: Arc<dyn BlobStore>,
     pub policy: Policy,
+    pub metrics: Metrics,
     /// Payload bytes (in KiB permits) that `include_data` pages may hold at once, so
     /// many concurrent pages wait instead of growing memory without bound.
     page_memory: Arc<Semaphore>,
@@ -92,10 +94,12 @@ impl Outgoing {
 impl Relay {
     pub fn new(store: Arc<dyn MessageStore>, blobs: Arc<dyn BlobStore>, policy: Policy) -> Self {
         let page_memory = Arc::new(Semaphore::new(PAGE_MEMORY_KIB as usize));
+        let metrics = Metrics::new(blobs.ops().family());
         Self {
             store,
             blobs,
             policy,
+            metrics,
             page_memory,
         }
     }
@@ -124,10 +128,13 @@ impl Relay {
             idempotency,
         };
         match self.store.insert_message(&new).await {
-            Ok(InsertOutcome::Created(receipt)) => Ok(Sent {
-                receipt,
-                replayed: false,
-            }),
+            Ok(InsertOutcome::Created(receipt)) => {
+                self.metrics.message(MessageEvent::Stored, 1);
+                Ok(Sent {
+                    receipt,
+                    replayed: false,
+                })
+            }
             Ok(InsertOutcome::KeyTaken(prior)) => {
                 self.discard_blob(&new.blob_key).await;
                 let same =
@@ -250,6 +257,10 @@ impl Relay {
             .store
             .ack(caller, ids, self.policy.delete_on_delivery)
             .await?;
+        self.metrics
+            .message(MessageEvent::Acknowledged, outcome.acked.len() as u64);
+        self.metrics
+            .message(MessageEvent::Deleted, outcome.freed_blobs.len() as u64);
         self.purge_blobs(outcome.freed_blobs);
         Ok(outcome.acked)
     }
@@ -260,6 +271,7 @@ impl Relay {
             .delete_message(id, caller)
             .await?
             .ok_or(ApiError::NotFound)?;
+        self.metrics.message(MessageEvent::Deleted, 1);
         self.purge_blobs(vec![key]);
         Ok(())
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::blob::BlobError;
+use crate::metrics::{MessageEvent, Outcome, OutcomeLabels, Removed, RemovedLabels};
 use crate::relay::Relay;
 use crate::store::StoreError;
 
@@ -155,6 +156,7 @@ pub async fn run_periodically(
         if scan_orphans && result.as_ref().is_ok_and(|r| !r.orphan_scan_failed) {
             last_orphan_scan = Some(started);
         }
+        record(&relay, result.as_ref().ok(), started.elapsed()).await;
         let ops = relay.blobs.operations();
         match result {
             Ok(r) => tracing::info!(
@@ -175,5 +177,45 @@ pub async fn run_periodically(
             ),
             Err(e) => tracing::warn!(error = %e, "clean-up pass failed; retrying next interval"),
         }
+    }
+}
+
+/// Clean-up metrics, and the backlog gauges (refreshed here rather than per scrape, so
+/// scrapes never cost a database query).
+async fn record(relay: &Relay, report: Option<&SweepReport>, elapsed: Duration) {
+    let m = &relay.metrics;
+    let outcome = if report.is_some_and(|r| !r.incomplete()) {
+        Outcome::Ok
+    } else {
+        Outcome::Error
+    };
+    m.cleanup_runs
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    m.cleanup_duration.observe(elapsed.as_secs_f64());
+    if let Some(r) = report {
+        for (kind, n) in [
+            (Removed::Expired, r.expired),
+            (Removed::Delivered, r.delivered),
+            (Removed::IdempotencyKeys, r.idempotency_keys),
+            (Removed::Blobs, r.blobs_deleted),
+            (Removed::Orphans, r.orphans_deleted),
+        ] {
+            m.cleanup_removed
+                .get_or_create(&RemovedLabels { kind })
+                .inc_by(n);
+        }
+        m.message(MessageEvent::Expired, r.expired);
+        m.message(MessageEvent::Deleted, r.delivered);
+    }
+    match relay.store.backlog().await {
+        Ok((count, oldest)) => {
+            m.pending_backlog.set(count);
+            let age = oldest
+                .map(|t| (chrono::Utc::now() - t).as_seconds_f64().max(0.0))
+                .unwrap_or(0.0);
+            m.oldest_pending_age.set(age);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not measure the pending backlog"),
     }
 }

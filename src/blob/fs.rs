@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobPage, BlobStore, OpCounter, OpCounts};
+use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter};
 
 /// Folder of files being written; renamed into a shard once complete.
 const TMP: &str = ".tmp";
@@ -49,22 +49,29 @@ fn io_error(e: std::io::Error) -> BlobError {
     BlobError::Unavailable(e.to_string())
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
-) -> Result<T, BlobError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| BlobError::Other(e.to_string()))?
+impl FsBlobStore {
+    /// Run file I/O off the async threads, counting it as one `kind` operation.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        kind: BlobOp,
+        f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+    ) -> Result<T, BlobError> {
+        let result = tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| BlobError::Other(e.to_string()))
+            .and_then(|r| r);
+        self.ops.record(kind, result.is_ok());
+        result
+    }
 }
 
 #[async_trait]
 impl BlobStore for FsBlobStore {
     async fn put(&self, data: Bytes) -> Result<String, BlobError> {
-        self.ops.put();
         let key = Uuid::new_v4().to_string();
         let path = self.path(&key)?;
         let tmp = self.root.join(TMP).join(&key);
-        blocking(move || {
+        self.blocking(BlobOp::Put, move || {
             let dir = path.parent().expect("sharded path has a parent");
             std::fs::create_dir_all(dir).map_err(io_error)?;
             let write = || -> std::io::Result<()> {
@@ -84,10 +91,9 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
-        self.ops.get();
         let path = self.path(key)?;
         let key = key.to_owned();
-        blocking(move || match std::fs::read(&path) {
+        self.blocking(BlobOp::Get, move || match std::fs::read(&path) {
             Ok(data) => Ok(Bytes::from(data)),
             Err(e) if e.kind() == ErrorKind::NotFound => Err(BlobError::NotFound(key)),
             Err(e) => Err(io_error(e)),
@@ -96,12 +102,11 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, BlobError> {
-        self.ops.delete();
         let paths: Vec<_> = keys
             .iter()
             .map(|k| (k.clone(), self.path(k).ok()))
             .collect();
-        blocking(move || {
+        self.blocking(BlobOp::Delete, move || {
             let mut gone = Vec::with_capacity(paths.len());
             for (key, path) in paths {
                 match path.map(std::fs::remove_file) {
@@ -119,9 +124,8 @@ impl BlobStore for FsBlobStore {
 
     /// One shard folder per page, so memory stays bounded by 1/256 of the blobs.
     async fn list(&self, page: Option<String>) -> Result<BlobPage, BlobError> {
-        self.ops.list();
         let root = self.root.clone();
-        blocking(move || {
+        self.blocking(BlobOp::List, move || {
             let mut shards: Vec<String> = std::fs::read_dir(&root)
                 .map_err(io_error)?
                 .flatten()
@@ -156,12 +160,14 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn ping(&self) -> Result<(), BlobError> {
-        self.ops.head();
         let tmp = self.root.join(TMP);
-        blocking(move || std::fs::metadata(&tmp).map(|_| ()).map_err(io_error)).await
+        self.blocking(BlobOp::Head, move || {
+            std::fs::metadata(&tmp).map(|_| ()).map_err(io_error)
+        })
+        .await
     }
 
-    fn operations(&self) -> OpCounts {
-        self.ops.snapshot()
+    fn ops(&self) -> &OpCounter {
+        &self.ops
     }
 }

@@ -5,16 +5,20 @@ mod fs;
 mod s3;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 pub use fs::FsBlobStore;
 pub use s3::{S3BlobStore, S3Settings};
 
 use crate::config::{BlobBackend, Config};
+pub use crate::metrics::BlobOp;
+use crate::metrics::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -47,8 +51,13 @@ pub trait BlobStore: Send + Sync {
     /// Cheap check that the store answers, for `/readyz`.
     async fn ping(&self) -> Result<(), BlobError>;
 
-    /// Requests made so far, by kind: what an object store bills.
-    fn operations(&self) -> OpCounts;
+    /// Requests made so far, by kind and outcome: what an object store bills.
+    fn ops(&self) -> &OpCounter;
+
+    /// [`BlobStore::ops`] by kind.
+    fn operations(&self) -> OpCounts {
+        self.ops().snapshot()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -69,38 +78,43 @@ pub struct OpCounts {
     pub head: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct OpCounter {
-    put: AtomicU64,
-    get: AtomicU64,
-    delete: AtomicU64,
-    list: AtomicU64,
-    head: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlobOpLabels {
+    pub kind: BlobOp,
+    pub outcome: Outcome,
 }
 
+/// The `catbird_blob_operations_total` counters.
+pub type OpFamily = Family<BlobOpLabels, Counter>;
+
+/// Requests a blob store made, by kind and outcome; also the metric behind them.
+#[derive(Debug, Default, Clone)]
+pub struct OpCounter(OpFamily);
+
 impl OpCounter {
-    pub(crate) fn put(&self) {
-        self.put.fetch_add(1, Relaxed);
+    pub(crate) fn record(&self, kind: BlobOp, ok: bool) {
+        let outcome = if ok { Outcome::Ok } else { Outcome::Error };
+        self.0.get_or_create(&BlobOpLabels { kind, outcome }).inc();
     }
-    pub(crate) fn get(&self) {
-        self.get.fetch_add(1, Relaxed);
+
+    pub fn family(&self) -> &OpFamily {
+        &self.0
     }
-    pub(crate) fn delete(&self) {
-        self.delete.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn list(&self) {
-        self.list.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn head(&self) {
-        self.head.fetch_add(1, Relaxed);
-    }
-    pub(crate) fn snapshot(&self) -> OpCounts {
+
+    /// Requests by kind, whatever their outcome.
+    pub fn snapshot(&self) -> OpCounts {
+        let count = |kind| {
+            [Outcome::Ok, Outcome::Error]
+                .into_iter()
+                .map(|outcome| self.0.get_or_create(&BlobOpLabels { kind, outcome }).get())
+                .sum()
+        };
         OpCounts {
-            put: self.put.load(Relaxed),
-            get: self.get.load(Relaxed),
-            delete: self.delete.load(Relaxed),
-            list: self.list.load(Relaxed),
-            head: self.head.load(Relaxed),
+            put: count(BlobOp::Put),
+            get: count(BlobOp::Get),
+            delete: count(BlobOp::Delete),
+            list: count(BlobOp::List),
+            head: count(BlobOp::Head),
         }
     }
 }

@@ -6,11 +6,11 @@
 //! requires one (C01, C02); connect and whole-operation timeouts with bounded retries
 //! (C06); uploads from a sized in-memory buffer, so every PUT has a Content-Length (C08).
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_s3::config::interceptors::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
@@ -20,10 +20,11 @@ use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_smithy_types::config_bag::{Storable, StoreReplace};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobPage, BlobStore, OpCounter, OpCounts};
+use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter};
 use crate::config::Config;
 
 /// DeleteObjects takes at most this many keys per request.
@@ -33,12 +34,20 @@ pub struct S3BlobStore {
     client: Client,
     bucket: String,
     prefix: String,
-    ops: Arc<OpCounter>,
+    ops: OpCounter,
 }
 
 /// Counts every HTTP request the SDK sends, retries included: that is what R2 bills.
 #[derive(Debug)]
-struct CountRequests(Arc<OpCounter>);
+struct CountRequests(OpCounter);
+
+/// The kind of the request in flight, from before it is sent until its outcome is known.
+#[derive(Debug, Clone, Copy)]
+struct AttemptKind(BlobOp);
+
+impl Storable for AttemptKind {
+    type Storer = StoreReplace<Self>;
+}
 
 impl Intercept for CountRequests {
     fn name(&self) -> &'static str {
@@ -49,7 +58,7 @@ impl Intercept for CountRequests {
         &self,
         context: &BeforeTransmitInterceptorContextRef<'_>,
         _: &RuntimeComponents,
-        _: &mut ConfigBag,
+        cfg: &mut ConfigBag,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let request = context.request();
         let query = request
@@ -57,20 +66,33 @@ impl Intercept for CountRequests {
             .split_once('?')
             .map(|(_, q)| q)
             .unwrap_or_default();
-        match request.method() {
-            "HEAD" => self.0.head(),
-            "PUT" => self.0.put(),
-            "DELETE" => self.0.delete(),
+        let kind = match request.method() {
+            "HEAD" => BlobOp::Head,
+            "PUT" => BlobOp::Put,
+            "DELETE" => BlobOp::Delete,
             "POST"
                 if query
                     .split('&')
                     .any(|p| p == "delete" || p.starts_with("delete=")) =>
             {
-                self.0.delete()
+                BlobOp::Delete
             }
-            "GET" if query.split('&').any(|p| p == "list-type=2") => self.0.list(),
-            "GET" => self.0.get(),
-            _ => {}
+            "GET" if query.split('&').any(|p| p == "list-type=2") => BlobOp::List,
+            _ => BlobOp::Get,
+        };
+        cfg.interceptor_state().store_put(AttemptKind(kind));
+        Ok(())
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(AttemptKind(kind)) = cfg.load::<AttemptKind>() {
+            let ok = context.response().is_some_and(|r| r.status().is_success());
+            self.0.record(*kind, ok);
         }
         Ok(())
     }
@@ -147,7 +169,7 @@ impl S3Settings {
 
 impl S3BlobStore {
     pub fn new(s: &S3Settings) -> Self {
-        let ops = Arc::new(OpCounter::default());
+        let ops = OpCounter::default();
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(s.connect_timeout)
             .operation_timeout(s.timeout)
@@ -324,7 +346,7 @@ impl BlobStore for S3BlobStore {
             .map_err(|e| unavailable("HeadBucket", e))
     }
 
-    fn operations(&self) -> OpCounts {
-        self.ops.snapshot()
+    fn ops(&self) -> &OpCounter {
+        &self.ops
     }
 }

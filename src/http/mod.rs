@@ -10,22 +10,28 @@ pub use limits::RateLimit;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 use serde::de::DeserializeOwned;
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
 use uuid::Uuid;
 
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::did;
 use crate::error::ApiError;
+use crate::metrics::{HttpLabels, RouteLabels};
 use crate::relay::Relay;
 
 #[derive(Clone)]
@@ -50,7 +56,13 @@ pub fn router(state: AppState, config: &Config) -> anyhow::Result<Router> {
         )
         .route("/api/v1/messages/{id}/ack", post(messages::ack_one))
         .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
+        .route("/readyz", get(ops::readyz));
+    let router = if config.metrics_enabled {
+        router.route("/metrics", get(ops::metrics))
+    } else {
+        router
+    };
+    let router = router
         .fallback(|| async { ApiError::RouteNotFound })
         // Checks Content-Length up front (413 before reading), and the body as it streams.
         .layer(DefaultBodyLimit::disable())
@@ -60,13 +72,58 @@ pub fn router(state: AppState, config: &Config) -> anyhow::Result<Router> {
             StatusCode::SERVICE_UNAVAILABLE,
             config.request_timeout,
         ))
-        .layer(middleware::map_response(json_errors));
+        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ));
     // Outside the error mapping, so error responses carry CORS headers too.
     let router = match cors {
         Some(cors) => router.layer(cors),
         None => router,
     };
-    Ok(router.layer(TraceLayer::new_for_http()).with_state(state))
+    // Every request gets an id (the client's `x-request-id`, or a new UUID), echoed in
+    // the response and carried by every log line of the request through its span.
+    let request_id = HeaderName::from_static("x-request-id");
+    let router = router
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    tracing::info_span!("request", request_id = id, method = %req.method(), path = req.uri().path())
+                })
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+    Ok(router.with_state(state))
+}
+
+/// HTTP metrics by route template (never the raw path, which holds ids), method and
+/// final status.
+async fn count_requests(
+    State(state): State<AppState>,
+    route: Option<MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().to_string();
+    let route = route.map_or_else(|| "unmatched".to_owned(), |r| r.as_str().to_owned());
+    let response = next.run(request).await;
+    let m = &state.relay.metrics;
+    let status = response.status().as_u16();
+    m.http_requests
+        .get_or_create(&HttpLabels {
+            route: route.clone(),
+            method,
+            status,
+        })
+        .inc();
+    m.http_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Last line of defence: any error response that did not come from [`ApiError`]

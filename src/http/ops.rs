@@ -1,4 +1,4 @@
-//! Operations endpoints (no auth): liveness and readiness.
+//! Operations endpoints (no auth): liveness, readiness and metrics.
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
+use crate::metrics::{PoolLabels, PoolState};
 
 /// How long `/readyz` waits for each dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -57,4 +58,25 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     response
+}
+
+/// Prometheus scrape (OpenMetrics text format, which Prometheus reads natively).
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+    let relay = &state.relay;
+    let (open, in_use) = relay.store.connections();
+    for (pool_state, n) in [(PoolState::Open, open), (PoolState::InUse, in_use)] {
+        relay
+            .metrics
+            .db_connections
+            .get_or_create(&PoolLabels { state: pool_state })
+            .set(i64::from(n));
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        relay.metrics.render(),
+    )
+        .into_response()
 }

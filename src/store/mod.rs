@@ -257,6 +257,13 @@ pub trait MessageStore: Send + Sync {
 
     /// The subset of `keys` that a message row still references.
     async fn referenced_blobs(&self, keys: &[String]) -> Result<HashSet<String>, StoreError>;
+
+    /// Unacknowledged (message, recipient) pairs of live messages, and the creation
+    /// time of the oldest such message.
+    async fn backlog(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError>;
+
+    /// Database connections: (open, in use).
+    fn connections(&self) -> (u32, u32);
 }
 
 /// How long an idempotency key is kept: as long as the message, and at least 24 hours.

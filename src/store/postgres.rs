@@ -369,4 +369,18 @@ impl MessageStore for PostgresStore {
                 .await?;
         Ok(found.into_iter().collect())
     }
+
+    async fn backlog(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
+        Ok(sqlx::query_as(
+            "select count(*), min(r.created_at) from recipients r join messages m on m.id = r.message_id \
+             where r.acked_at is null and m.expires_at > now()",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    fn connections(&self) -> (u32, u32) {
+        let open = self.pool.size();
+        (open, open.saturating_sub(self.pool.num_idle() as u32))
+    }
 }

@@ -426,4 +426,22 @@ impl MessageStore for SqliteStore {
         .await?;
         Ok(found.into_iter().collect())
     }
+
+    async fn backlog(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError> {
+        let (count, oldest): (i64, Option<i64>) = sqlx::query_as(concat!(
+            "select count(*), min(r.created_at) from recipients r join messages m on m.id = r.message_id \
+             where r.acked_at is null and m.expires_at > ",
+            now!()
+        ))
+        .fetch_one(&self.readers)
+        .await?;
+        Ok((count, oldest.map(ts).transpose()?))
+    }
+
+    fn connections(&self) -> (u32, u32) {
+        let (open, idle) = [&self.writer, &self.readers]
+            .iter()
+            .fold((0, 0), |(o, i), p| (o + p.size(), i + p.num_idle() as u32));
+        (open, open.saturating_sub(idle))
+    }
 }

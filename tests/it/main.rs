@@ -10,6 +10,7 @@ mod crash;
 mod faults;
 mod hardening;
 mod limits;
+mod observability;
 mod process;
 mod r2;
 mod soak;
