@@ -42,10 +42,15 @@ pub enum ApiError {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: &'a str,
-    message: String,
+/// API.md's error shape.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    /// Stable snake_case code, e.g. `not_found`.
+    #[schema(example = "not_found")]
+    pub error: &'a str,
+    /// For humans; names the field at fault.
+    #[schema(example = "message not found")]
+    pub message: String,
 }
 
 impl ApiError {
@@ -115,7 +120,7 @@ impl IntoResponse for ApiError {
         }
         let mut response = (
             status,
-            Json(Body {
+            Json(ErrorBody {
                 error: self.code(),
                 message: self.to_string(),
             }),

@@ -12,11 +12,12 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize, Serializer};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{ApiJson, AppState, Caller, MessageId, check_did};
 use crate::did;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::relay::{Outgoing, Policy};
 use crate::store::{Cursor, MessageMeta, Receipt};
 
@@ -46,14 +47,19 @@ fn rfc3339_ms<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error>
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
-#[derive(Serialize)]
-struct ReceiptView<'a> {
+/// What the sender gets back for a stored message.
+#[derive(Serialize, ToSchema)]
+pub(super) struct ReceiptView<'a> {
     id: Uuid,
     convo_id: &'a str,
+    /// Per-conversation sequence number: 1, 2, 3, … without gaps, in commit order.
     seq: i64,
     sender: &'a str,
+    /// De-duplicated, in the order sent.
     recipients: &'a [String],
+    /// Decoded payload size in bytes.
     size: i64,
+    /// RFC 3339, UTC, milliseconds.
     #[serde(serialize_with = "rfc3339_ms")]
     created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339_ms")]
@@ -75,7 +81,8 @@ impl<'a> From<&'a Receipt> for ReceiptView<'a> {
     }
 }
 
-#[derive(Serialize)]
+/// A stored message; `encrypted_data` only where asked for.
+#[derive(Serialize, ToSchema)]
 pub(super) struct MessageView {
     id: Uuid,
     convo_id: String,
@@ -86,7 +93,9 @@ pub(super) struct MessageView {
     created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339_ms")]
     expires_at: DateTime<Utc>,
+    /// Canonical padded standard base64 of the stored bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Byte)]
     encrypted_data: Option<String>,
 }
 
@@ -105,11 +114,18 @@ impl MessageView {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SendBody {
+    /// Standard base64 (RFC 4648 §4, padding optional) of the MLS ciphertext;
+    /// 1 ..= MAX_MESSAGE_BYTES decoded bytes.
+    #[schema(format = Byte, min_length = 2)]
     encrypted_data: String,
+    /// 1 ..= 256 printable ASCII characters without spaces.
+    #[schema(min_length = 1, max_length = 256, pattern = "^[!-~]+$")]
     convo_id: String,
+    /// 1 ..= MAX_RECIPIENTS DIDs; duplicates are removed.
+    #[schema(min_items = 1)]
     recipients: Vec<String>,
 }
 
@@ -171,6 +187,21 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(value.to_str().map_err(|_| bad())?.to_owned()))
 }
 
+/// Store an encrypted message for its recipients.
+#[utoipa::path(post, path = "/api/v1/messages", tag = "messages", security(("bearer" = [])),
+    request_body(content = SendBody, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 ..= 255 printable ASCII characters; a retry with the same key and request replays the original answer")),
+    responses(
+        (status = 201, description = "Stored (or replayed: header Idempotent-Replayed)", body = ReceiptView,
+            headers(("Location" = String, description = "/api/v1/messages/{id}"), ("Idempotent-Replayed" = Option<String>, description = "`true` on a replay"))),
+        (status = 400, description = "A field fails validation (`invalid_request`) or the body is not the JSON asked for (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "Per-caller rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database or blob store unavailable, or the request timed out; see Retry-After", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with a different request", body = ErrorBody),
+        (status = 413, description = "Body or decoded payload too large", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+    ))]
 pub(super) async fn send(
     State(state): State<AppState>,
     Caller(sender): Caller,
@@ -226,6 +257,17 @@ pub(super) async fn send(
     Ok(response)
 }
 
+/// Fetch one message (sender or recipient); does not acknowledge it.
+#[utoipa::path(get, path = "/api/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Message id, lowercase hyphenated")),
+    responses(
+        (status = 200, description = "The message with its data", body = MessageView),
+        (status = 404, description = "No such message, expired, or not the caller's", body = ErrorBody),
+        (status = 400, description = "A field fails validation (`invalid_request`) or the body is not the JSON asked for (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "Per-caller rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database or blob store unavailable, or the request timed out; see Retry-After", body = ErrorBody),
+    ))]
 pub(super) async fn fetch(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -236,20 +278,39 @@ pub(super) async fn fetch(
 }
 
 /// Raw query parameters, parsed by hand so each error names its field.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct PendingParams {
+    /// Page size, 1 ..= 500 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     limit: Option<String>,
+    /// Opaque, from the previous page.
     cursor: Option<String>,
+    /// Only this conversation.
+    #[param(min_length = 1, max_length = 256, pattern = "^[!-~]+$")]
     convo_id: Option<String>,
+    /// Add `encrypted_data` to each message (default false).
+    #[param(value_type = Option<bool>)]
     include_data: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One page of the caller's unacknowledged messages, oldest first.
+#[derive(Serialize, ToSchema)]
 pub(super) struct PendingPage {
     messages: Vec<MessageView>,
     cursor: Option<String>,
 }
 
+/// List what the caller has not acknowledged yet, oldest first, a page at a time.
+#[utoipa::path(get, path = "/api/v1/messages/pending", tag = "messages", security(("bearer" = [])),
+    params(PendingParams),
+    responses(
+        (status = 200, description = "A page; `cursor` is null on the last", body = PendingPage),
+        (status = 400, description = "A field fails validation (`invalid_request`) or the body is not the JSON asked for (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "Per-caller rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database or blob store unavailable, or the request timed out; see Retry-After", body = ErrorBody),
+    ))]
 pub(super) async fn pending(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -300,6 +361,17 @@ pub(super) async fn pending(
     }))
 }
 
+/// Acknowledge delivery (recipients only); twice is fine while the message exists.
+#[utoipa::path(post, path = "/api/v1/messages/{id}/ack", tag = "messages", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Message id, lowercase hyphenated")),
+    responses(
+        (status = 204, description = "Acknowledged"),
+        (status = 404, description = "No such message, expired, or the caller is not a recipient", body = ErrorBody),
+        (status = 400, description = "A field fails validation (`invalid_request`) or the body is not the JSON asked for (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "Per-caller rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database or blob store unavailable, or the request timed out; see Retry-After", body = ErrorBody),
+    ))]
 pub(super) async fn ack_one(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -313,18 +385,33 @@ pub(super) async fn ack_one(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct AckBody {
+    /// 1 ..= 500 message ids, lowercase hyphenated.
+    #[schema(min_items = 1, max_items = 500)]
     ids: Vec<String>,
 }
 
-#[derive(Serialize)]
+/// Which ids were acknowledged, and which are not the caller's to acknowledge.
+#[derive(Serialize, ToSchema)]
 pub(super) struct AckResult {
     acked: Vec<Uuid>,
     not_found: Vec<Uuid>,
 }
 
+/// Acknowledge many messages at once.
+#[utoipa::path(post, path = "/api/v1/messages/ack", tag = "messages", security(("bearer" = [])),
+    request_body(content = AckBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Per-id result, in request order", body = AckResult),
+        (status = 400, description = "A field fails validation (`invalid_request`) or the body is not the JSON asked for (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "Per-caller rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database or blob store unavailable, or the request timed out; see Retry-After", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Not `Content-Type: application/json`", body = ErrorBody),
+    ))]
 pub(super) async fn ack_many(
     State(state): State<AppState>,
     Caller(caller): Caller,
@@ -350,6 +437,17 @@ pub(super) async fn ack_many(
     Ok(Json(AckResult { acked, not_found }))
 }
 
+/// Withdraw a message (sender only): gone for everyone, with its blob.
+#[utoipa::path(delete, path = "/api/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "Message id, lowercase hyphenated")),
+    responses(
+        (status = 204, description = "Withdrawn"),
+        (status = 404, description = "No such message, expired, or not sent by the caller", body = ErrorBody),
+        (status = 400, description = "A field fails validation (`invalid_request`) or the body is not the JSON asked for (`invalid_json`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid bearer token", body = ErrorBody),
+        (status = 429, description = "Per-caller rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Database or blob store unavailable, or the request timed out; see Retry-After", body = ErrorBody),
+    ))]
 pub(super) async fn withdraw(
     State(state): State<AppState>,
     Caller(caller): Caller,

@@ -3,6 +3,7 @@
 
 mod limits;
 mod messages;
+mod openapi;
 mod ops;
 
 pub use limits::RateLimit;
@@ -17,7 +18,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router, middleware};
 use serde::de::DeserializeOwned;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -25,6 +26,9 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::auth::Auth;
@@ -46,22 +50,29 @@ pub struct AppState {
 pub fn router(state: AppState, config: &Config) -> anyhow::Result<Router> {
     let body_limit = messages::body_limit(&state.relay.policy);
     let cors = limits::cors(&config.cors_allowed_origins)?;
-    let router = Router::new()
-        .route("/api/v1/messages", post(messages::send))
-        .route("/api/v1/messages/pending", get(messages::pending))
-        .route("/api/v1/messages/ack", post(messages::ack_many))
-        .route(
-            "/api/v1/messages/{id}",
-            get(messages::fetch).delete(messages::withdraw),
-        )
-        .route("/api/v1/messages/{id}/ack", post(messages::ack_one))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz));
-    let router = if config.metrics_enabled {
-        router.route("/metrics", get(ops::metrics))
+    // Each route is added together with its OpenAPI description (utoipa-axum).
+    let api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(messages::send))
+        .routes(routes!(messages::pending))
+        .routes(routes!(messages::ack_many))
+        .routes(routes!(messages::fetch, messages::withdraw))
+        .routes(routes!(messages::ack_one))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz));
+    let api = if config.metrics_enabled {
+        api.routes(routes!(ops::metrics))
     } else {
-        router
+        api
     };
+    let (router, description) = api.split_for_parts();
+    let description = Arc::new(description);
+    let router = router.route(
+        "/api/v1/openapi.json",
+        get(move || {
+            let description = description.clone();
+            async move { Json(description.as_ref().clone()) }
+        }),
+    );
     let router = router
         .fallback(|| async { ApiError::RouteNotFound })
         // Checks Content-Length up front (413 before reading), and the body as it streams.

@@ -14,6 +14,9 @@ use crate::metrics::{PoolLabels, PoolState};
 /// How long `/readyz` waits for each dependency.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Running", body = Object, example = json!({"status": "ok"}))))]
 pub(super) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
@@ -27,6 +30,13 @@ async fn check<E: std::fmt::Display>(f: impl Future<Output = Result<(), E>>) -> 
 }
 
 /// 200 when the database and the blob store both answer; otherwise 503 naming which not.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Both dependencies answer", body = Object,
+            example = json!({"status": "ok", "database": "ok", "blob_store": "ok"})),
+        (status = 503, description = "A dependency does not answer; `database` / `blob_store` say which", body = Object,
+            example = json!({"error": "unavailable", "message": "not ready: blob store unavailable", "database": "ok", "blob_store": "unavailable"})),
+    ))]
 pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     let relay = &state.relay;
     let (db, blobs) = tokio::join!(check(relay.store.ping()), check(relay.blobs.ping()));
@@ -61,6 +71,8 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 /// Prometheus scrape (OpenMetrics text format, which Prometheus reads natively).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let relay = &state.relay;
     let (open, in_use) = relay.store.connections();

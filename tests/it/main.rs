@@ -11,6 +11,7 @@ mod faults;
 mod hardening;
 mod limits;
 mod observability;
+mod openapi;
 mod process;
 mod r2;
 mod soak;
