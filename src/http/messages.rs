@@ -27,10 +27,48 @@ const MAX_PAGE: i64 = 500;
 const DEFAULT_PAGE: i64 = 100;
 const MAX_ACK_IDS: usize = 500;
 
+/// A string schema with a pattern, for the description only: `Did`, `MessageIdText`.
+macro_rules! string_schema {
+    ($name:ident, $pattern:literal, $max:expr, $doc:literal) => {
+        #[doc = $doc]
+        pub(super) struct $name;
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some($doc))
+                    .pattern(Some($pattern))
+                    .max_length($max)
+                    .build()
+                    .into()
+            }
+        }
+
+        impl ToSchema for $name {}
+    };
+}
+
+string_schema!(
+    Did,
+    "^did:[a-z]+:[A-Za-z0-9._:%-]*[A-Za-z0-9._%-]$",
+    Some(2048),
+    "A DID (AT Protocol syntax)"
+);
+string_schema!(
+    MessageIdText,
+    "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    None,
+    "A message id, lowercase hyphenated"
+);
+
 /// Standard alphabet; padding optional, as API.md promises.
 const BASE64_IN: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        // "aGl" and "aGk" both mean "hi": accept the non-canonical one too.
+        .with_decode_allow_trailing_bits(true),
 );
 
 /// Largest request body: the base64 of the largest payload plus the largest recipient
@@ -119,13 +157,13 @@ impl MessageView {
 pub(super) struct SendBody {
     /// Standard base64 (RFC 4648 §4, padding optional) of the MLS ciphertext;
     /// 1 ..= MAX_MESSAGE_BYTES decoded bytes.
-    #[schema(format = Byte, min_length = 2)]
+    #[schema(format = Byte, min_length = 2, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)$")]
     encrypted_data: String,
     /// 1 ..= 256 printable ASCII characters without spaces.
     #[schema(min_length = 1, max_length = 256, pattern = "^[!-~]+$")]
     convo_id: String,
     /// 1 ..= MAX_RECIPIENTS DIDs; duplicates are removed.
-    #[schema(min_items = 1)]
+    #[schema(min_items = 1, value_type = Vec<Did>)]
     recipients: Vec<String>,
 }
 
@@ -190,7 +228,8 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// Store an encrypted message for its recipients.
 #[utoipa::path(post, path = "/api/v1/messages", tag = "messages", security(("bearer" = [])),
     request_body(content = SendBody, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1 ..= 255 printable ASCII characters; a retry with the same key and request replays the original answer")),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]([ -~]{0,253}[!-~])?$", max_length = 255,
+        description = "1 ..= 255 printable ASCII characters; a retry with the same key and request replays the original answer")),
     responses(
         (status = 201, description = "Stored (or replayed: header Idempotent-Replayed)", body = ReceiptView,
             headers(("Location" = String, description = "/api/v1/messages/{id}"), ("Idempotent-Replayed" = Option<String>, description = "`true` on a replay"))),
@@ -284,7 +323,8 @@ pub(super) struct PendingParams {
     /// Page size, 1 ..= 500 (default 100).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
     limit: Option<String>,
-    /// Opaque, from the previous page.
+    /// Opaque, from the previous page (anything else is 400).
+    #[param(pattern = "^[A-Za-z0-9_-]+$")]
     cursor: Option<String>,
     /// Only this conversation.
     #[param(min_length = 1, max_length = 256, pattern = "^[!-~]+$")]
@@ -389,7 +429,7 @@ pub(super) async fn ack_one(
 #[serde(deny_unknown_fields)]
 pub(super) struct AckBody {
     /// 1 ..= 500 message ids, lowercase hyphenated.
-    #[schema(min_items = 1, max_items = 500)]
+    #[schema(min_items = 1, max_items = 500, value_type = Vec<MessageIdText>)]
     ids: Vec<String>,
 }
 

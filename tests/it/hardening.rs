@@ -128,3 +128,55 @@ async fn jwt_claim_edge_cases() {
         r.body
     );
 }
+
+/// Found by schema fuzzing: a non-canonical last base64 character ("aGl" for "hi")
+/// matches the documented pattern, so it must be accepted, and the description must
+/// carry the patterns the server enforces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzing_regressions() {
+    let (_d, s) = start().await;
+    let (alice, bob) = (s.user("did:plc:alice"), s.user(BOB));
+    let id = alice
+        .send_raw(
+            json!({"encrypted_data": "aGl", "convo_id": "c", "recipients": [BOB]}),
+            None,
+        )
+        .await
+        .expect(201, None)
+        .body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = bob.fetch(&id).await.expect(200, None).body;
+    assert_eq!(
+        m["encrypted_data"], "aGk=",
+        "stored as the decoded bytes, returned canonical"
+    );
+
+    let spec: serde_json::Value = s
+        .http
+        .get(s.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &spec["components"]["schemas"];
+    assert!(
+        schemas["Did"]["pattern"]
+            .as_str()
+            .unwrap()
+            .starts_with("^did:")
+    );
+    assert!(schemas["MessageIdText"]["pattern"].is_string());
+    assert!(schemas["SendBody"]["properties"]["encrypted_data"]["pattern"].is_string());
+    let header = spec["paths"]["/api/v1/messages"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Idempotency-Key")
+        .unwrap();
+    assert_eq!(header["schema"]["maxLength"], 255);
+    assert!(header["schema"]["pattern"].is_string());
+}
