@@ -157,7 +157,7 @@ impl MessageView {
 pub(super) struct SendBody {
     /// Standard base64 (RFC 4648 §4, padding optional) of the MLS ciphertext;
     /// 1 ..= MAX_MESSAGE_BYTES decoded bytes.
-    #[schema(format = Byte, min_length = 2, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)$")]
+    #[schema(format = Byte, min_length = 2, pattern = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}(?:==)?|[A-Za-z0-9+/]{3}=?)?$")]
     encrypted_data: String,
     /// 1 ..= 256 printable ASCII characters without spaces.
     #[schema(min_length = 1, max_length = 256, pattern = "^[!-~]+$")]
@@ -298,7 +298,8 @@ pub(super) async fn send(
 
 /// Fetch one message (sender or recipient); does not acknowledge it.
 #[utoipa::path(get, path = "/api/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "Message id, lowercase hyphenated")),
+    params(("id" = String, Path, format = Uuid, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description = "Message id, lowercase hyphenated")),
     responses(
         (status = 200, description = "The message with its data", body = MessageView),
         (status = 404, description = "No such message, expired, or not the caller's", body = ErrorBody),
@@ -403,7 +404,8 @@ pub(super) async fn pending(
 
 /// Acknowledge delivery (recipients only); twice is fine while the message exists.
 #[utoipa::path(post, path = "/api/v1/messages/{id}/ack", tag = "messages", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "Message id, lowercase hyphenated")),
+    params(("id" = String, Path, format = Uuid, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description = "Message id, lowercase hyphenated")),
     responses(
         (status = 204, description = "Acknowledged"),
         (status = 404, description = "No such message, expired, or the caller is not a recipient", body = ErrorBody),
@@ -479,7 +481,8 @@ pub(super) async fn ack_many(
 
 /// Withdraw a message (sender only): gone for everyone, with its blob.
 #[utoipa::path(delete, path = "/api/v1/messages/{id}", tag = "messages", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "Message id, lowercase hyphenated")),
+    params(("id" = String, Path, format = Uuid, pattern = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+        description = "Message id, lowercase hyphenated")),
     responses(
         (status = 204, description = "Withdrawn"),
         (status = 404, description = "No such message, expired, or not sent by the caller", body = ErrorBody),

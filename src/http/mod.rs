@@ -106,8 +106,22 @@ pub fn router(state: AppState, config: &Config) -> anyhow::Result<Router> {
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid));
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(middleware::map_request(drop_unusable_request_id));
     Ok(router.with_state(state))
+}
+
+/// A client's `x-request-id` is kept only if it is short, visible ASCII; otherwise a
+/// fresh one is generated, so logs cannot be flooded or garbled through it.
+async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let usable = |v: &axum::http::HeaderValue| {
+        (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    };
+    let values: Vec<_> = request.headers().get_all("x-request-id").iter().collect();
+    if values.len() > 1 || values.first().is_some_and(|v| !usable(v)) {
+        request.headers_mut().remove("x-request-id");
+    }
+    request
 }
 
 /// HTTP metrics by route template (never the raw path, which holds ids), method and
@@ -119,7 +133,11 @@ async fn count_requests(
     next: Next,
 ) -> Response {
     let started = std::time::Instant::now();
-    let method = request.method().to_string();
+    // Only the methods the API knows, so a client cannot mint new series at will.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "POST" | "DELETE" | "PUT" | "PATCH" | "HEAD" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
     let route = route.map_or_else(|| "unmatched".to_owned(), |r| r.as_str().to_owned());
     let response = next.run(request).await;
     let m = &state.relay.metrics;

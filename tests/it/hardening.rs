@@ -180,3 +180,52 @@ async fn fuzzing_regressions() {
     assert_eq!(header["schema"]["maxLength"], 255);
     assert!(header["schema"]["pattern"].is_string());
 }
+
+/// Found in review: client-chosen request ids and HTTP methods must not let a client
+/// flood the logs or mint unbounded metric series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_and_metric_labels_are_bounded() {
+    let (_d, s) = start().await;
+    let long = "x".repeat(200);
+    let r = s
+        .http
+        .get(s.url("/healthz"))
+        .header("x-request-id", &long)
+        .send()
+        .await
+        .unwrap();
+    let echoed = r.headers()["x-request-id"].to_str().unwrap();
+    assert!(
+        uuid::Uuid::parse_str(echoed).is_ok(),
+        "replaced by a generated id: {echoed}"
+    );
+    let r = s
+        .http
+        .get(s.url("/healthz"))
+        .header("x-request-id", "ok-id.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "ok-id.1");
+
+    for m in ["FOO1", "FOO2"] {
+        let method = reqwest::Method::from_bytes(m.as_bytes()).unwrap();
+        let _ = s
+            .http
+            .request(method, s.url("/api/v1/messages"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let text = s
+        .http
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("FOO1") && !text.contains("FOO2"), "{text}");
+    assert!(text.contains("method=\"other\""));
+}
