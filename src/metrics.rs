@@ -40,7 +40,7 @@ label_enum!(Removed {
     Blobs => "blobs",
     Orphans => "orphans",
 });
-label_enum!(PoolState { Open => "open", InUse => "in_use" });
+label_enum!(PoolState { Open => "open", InUse => "in_use", Waiting => "waiting" });
 label_enum!(
     /// An object-store request kind, as billed.
     BlobOp { Put => "put", Get => "get", Delete => "delete", List => "list", Head => "head" }
@@ -149,7 +149,7 @@ impl Metrics {
         );
         registry.register(
             "db_connections",
-            "Database connections: open, and in use",
+            "Database connections: open, in use, and requests waiting for one",
             m.db_connections.clone(),
         );
         registry.register(

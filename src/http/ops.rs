@@ -75,8 +75,13 @@ pub(super) async fn readyz(State(state): State<AppState>) -> Response {
     responses((status = 200, description = "Metrics", content_type = "application/openmetrics-text", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let relay = &state.relay;
-    let (open, in_use) = relay.store.connections();
-    for (pool_state, n) in [(PoolState::Open, open), (PoolState::InUse, in_use)] {
+    let c = relay.store.connections();
+    let states = [
+        (PoolState::Open, c.open),
+        (PoolState::InUse, c.in_use),
+        (PoolState::Waiting, c.waiting),
+    ];
+    for (pool_state, n) in states {
         relay
             .metrics
             .db_connections

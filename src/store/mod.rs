@@ -83,6 +83,37 @@ pub async fn connect(
     }
 }
 
+/// Connection pool figures, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Connections {
+    pub open: u32,
+    pub in_use: u32,
+    pub waiting: u32,
+}
+
+/// Requests waiting for a pooled connection (sqlx does not count them itself).
+#[derive(Debug, Default)]
+pub(crate) struct Waiting(std::sync::atomic::AtomicU32);
+
+impl Waiting {
+    /// Count one waiter until the returned guard is dropped.
+    pub(crate) fn enter(&self) -> impl Drop + '_ {
+        use std::sync::atomic::Ordering::Relaxed;
+        struct Guard<'a>(&'a std::sync::atomic::AtomicU32);
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.0.fetch_add(1, Relaxed);
+        Guard(&self.0)
+    }
+
+    pub(crate) fn get(&self) -> u32 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// A message as the database knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageMeta {
@@ -262,8 +293,8 @@ pub trait MessageStore: Send + Sync {
     /// time of the oldest such message.
     async fn backlog(&self) -> Result<(i64, Option<DateTime<Utc>>), StoreError>;
 
-    /// Database connections: (open, in use).
-    fn connections(&self) -> (u32, u32);
+    /// Database connections: open, in use, and requests waiting for one.
+    fn connections(&self) -> Connections;
 }
 
 /// How long an idempotency key is kept: as long as the message, and at least 24 hours.

@@ -10,17 +10,20 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AckOutcome, Collected, InsertOutcome, MessageMeta, MessageStore, NewMessage, PendingQuery,
-    PoolSettings, PriorRequest, Receipt, StoreError, idempotency_retention, millis,
+    AckOutcome, Collected, Connections, InsertOutcome, MessageMeta, MessageStore, NewMessage,
+    PendingQuery, PoolSettings, PriorRequest, Receipt, StoreError, Waiting, idempotency_retention,
+    millis,
 };
 
 pub struct PostgresStore {
     pool: PgPool,
+    waiting: Waiting,
 }
 
 impl PostgresStore {
@@ -38,7 +41,23 @@ impl PostgresStore {
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            waiting: Waiting::default(),
+        })
+    }
+}
+
+impl PostgresStore {
+    /// A pooled connection, counted as waiting until the pool hands it over.
+    async fn conn(&self) -> Result<PoolConnection<Postgres>, StoreError> {
+        let _waiting = self.waiting.enter();
+        Ok(self.pool.acquire().await?)
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let _waiting = self.waiting.enter();
+        Ok(self.pool.begin().await?)
     }
 }
 
@@ -104,7 +123,9 @@ impl MessageStore for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("select 1").execute(&self.pool).await?;
+        sqlx::query("select 1")
+            .execute(&mut *self.conn().await?)
+            .await?;
         Ok(())
     }
 
@@ -116,13 +137,13 @@ impl MessageStore for PostgresStore {
         let row = sqlx::query(SELECT_PRIOR)
             .bind(sender)
             .bind(key)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await?;
         Ok(row.as_ref().map(prior).transpose()?)
     }
 
     async fn insert_message(&self, m: &NewMessage) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let seq: i64 = sqlx::query_scalar(
             "insert into conversations (convo_id, last_seq) values ($1, 1) \
              on conflict (convo_id) do update set last_seq = conversations.last_seq + 1 returning last_seq",
@@ -184,7 +205,7 @@ impl MessageStore for PostgresStore {
                 let row = sqlx::query(SELECT_PRIOR)
                     .bind(&m.sender)
                     .bind(&idem.key)
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *self.conn().await?)
                     .await?;
                 return Ok(InsertOutcome::KeyTaken(prior(&row)?));
             }
@@ -210,7 +231,7 @@ impl MessageStore for PostgresStore {
         )
         .bind(id)
         .bind(caller)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *self.conn().await?)
         .await?;
         Ok(row.as_ref().map(meta).transpose()?)
     }
@@ -228,7 +249,7 @@ impl MessageStore for PostgresStore {
         .bind(q.after.id)
         .bind(q.convo_id)
         .bind(q.limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         Ok(rows.iter().map(meta).collect::<Result<_, _>>()?)
     }
@@ -243,7 +264,7 @@ impl MessageStore for PostgresStore {
         let mut sorted = ids.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let mut out = AckOutcome::default();
         for id in sorted {
             let live: Option<i32> = sqlx::query_scalar(
@@ -286,7 +307,7 @@ impl MessageStore for PostgresStore {
     }
 
     async fn delete_message(&self, id: Uuid, sender: &str) -> Result<Option<String>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let mine: Option<i32> =
             sqlx::query_scalar("select 1 from messages where id = $1 and sender = $2 and expires_at > now() for update")
                 .bind(id)
@@ -302,7 +323,7 @@ impl MessageStore for PostgresStore {
     }
 
     async fn collect(&self, delete_delivered: bool, limit: i64) -> Result<Collected, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         let expired = sqlx::query(
             "with d as (delete from messages where id in \
                  (select id from messages where expires_at <= now() order by expires_at limit $1) \
@@ -345,7 +366,7 @@ impl MessageStore for PostgresStore {
         Ok(
             sqlx::query_scalar("select blob_key from blob_deletions order by queued_at limit $1")
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.conn().await?)
                 .await?,
         )
     }
@@ -356,7 +377,7 @@ impl MessageStore for PostgresStore {
         }
         sqlx::query("delete from blob_deletions where blob_key = any($1)")
             .bind(keys)
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -365,7 +386,7 @@ impl MessageStore for PostgresStore {
         let found: Vec<String> =
             sqlx::query_scalar("select blob_key from messages where blob_key = any($1)")
                 .bind(keys)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.conn().await?)
                 .await?;
         Ok(found.into_iter().collect())
     }
@@ -375,12 +396,16 @@ impl MessageStore for PostgresStore {
             "select count(*), min(r.created_at) from recipients r join messages m on m.id = r.message_id \
              where r.acked_at is null and m.expires_at > now()",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await?)
     }
 
-    fn connections(&self) -> (u32, u32) {
+    fn connections(&self) -> Connections {
         let open = self.pool.size();
-        (open, open.saturating_sub(self.pool.num_idle() as u32))
+        Connections {
+            open,
+            in_use: open.saturating_sub(self.pool.num_idle() as u32),
+            waiting: self.waiting.get(),
+        }
     }
 }

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -17,8 +18,9 @@ use sqlx::{Row, Sqlite, Transaction};
 use uuid::Uuid;
 
 use super::{
-    AckOutcome, Collected, InsertOutcome, MessageMeta, MessageStore, NewMessage, PendingQuery,
-    PoolSettings, PriorRequest, Receipt, StoreError, idempotency_retention, millis,
+    AckOutcome, Collected, Connections, InsertOutcome, MessageMeta, MessageStore, NewMessage,
+    PendingQuery, PoolSettings, PriorRequest, Receipt, StoreError, Waiting, idempotency_retention,
+    millis,
 };
 
 /// The database clock, in milliseconds.
@@ -32,6 +34,7 @@ pub struct SqliteStore {
     /// Exactly one connection: SQLite has one writer at a time anyway.
     writer: SqlitePool,
     readers: SqlitePool,
+    waiting: Waiting,
 }
 
 impl SqliteStore {
@@ -68,13 +71,24 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL {url}: {e}"))?;
-        Ok(Self { writer, readers })
+        Ok(Self {
+            writer,
+            readers,
+            waiting: Waiting::default(),
+        })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        let _waiting = self.waiting.enter();
         // IMMEDIATE takes the write lock up front, so a transaction never has to upgrade
         // a read lock (which can fail with SQLITE_BUSY whatever the busy timeout).
         Ok(self.writer.begin_with("begin immediate").await?)
+    }
+
+    /// A connection of `pool`, counted as waiting until the pool hands it over.
+    async fn conn(&self, pool: &SqlitePool) -> Result<PoolConnection<Sqlite>, StoreError> {
+        let _waiting = self.waiting.enter();
+        Ok(pool.acquire().await?)
     }
 }
 
@@ -151,7 +165,9 @@ impl MessageStore for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("select 1").execute(&self.readers).await?;
+        sqlx::query("select 1")
+            .execute(&mut *self.conn(&self.readers).await?)
+            .await?;
         Ok(())
     }
 
@@ -163,7 +179,7 @@ impl MessageStore for SqliteStore {
         let row = sqlx::query(SELECT_PRIOR)
             .bind(sender)
             .bind(key)
-            .fetch_optional(&self.readers)
+            .fetch_optional(&mut *self.conn(&self.readers).await?)
             .await?;
         Ok(row.as_ref().map(prior).transpose()?)
     }
@@ -259,7 +275,7 @@ impl MessageStore for SqliteStore {
         .bind(id.to_string())
         .bind(caller)
         .bind(caller)
-        .fetch_optional(&self.readers)
+        .fetch_optional(&mut *self.conn(&self.readers).await?)
         .await?;
         Ok(row.as_ref().map(meta).transpose()?)
     }
@@ -280,7 +296,7 @@ impl MessageStore for SqliteStore {
         .bind(q.convo_id)
         .bind(q.convo_id)
         .bind(q.limit)
-        .fetch_all(&self.readers)
+        .fetch_all(&mut *self.conn(&self.readers).await?)
         .await?;
         Ok(rows.iter().map(meta).collect::<Result<_, _>>()?)
     }
@@ -397,7 +413,7 @@ impl MessageStore for SqliteStore {
         Ok(
             sqlx::query_scalar("select blob_key from blob_deletions order by queued_at limit ?")
                 .bind(limit)
-                .fetch_all(&self.readers)
+                .fetch_all(&mut *self.conn(&self.readers).await?)
                 .await?,
         )
     }
@@ -411,7 +427,7 @@ impl MessageStore for SqliteStore {
             "delete from blob_deletions where blob_key in (select value from json_each(?))",
         )
         .bind(json)
-        .execute(&self.writer)
+        .execute(&mut *self.conn(&self.writer).await?)
         .await?;
         Ok(())
     }
@@ -422,7 +438,7 @@ impl MessageStore for SqliteStore {
             "select blob_key from messages where blob_key in (select value from json_each(?))",
         )
         .bind(json)
-        .fetch_all(&self.readers)
+        .fetch_all(&mut *self.conn(&self.readers).await?)
         .await?;
         Ok(found.into_iter().collect())
     }
@@ -433,15 +449,19 @@ impl MessageStore for SqliteStore {
              where r.acked_at is null and m.expires_at > ",
             now!()
         ))
-        .fetch_one(&self.readers)
+        .fetch_one(&mut *self.conn(&self.readers).await?)
         .await?;
         Ok((count, oldest.map(ts).transpose()?))
     }
 
-    fn connections(&self) -> (u32, u32) {
+    fn connections(&self) -> Connections {
         let (open, idle) = [&self.writer, &self.readers]
             .iter()
             .fold((0, 0), |(o, i), p| (o + p.size(), i + p.num_idle() as u32));
-        (open, open.saturating_sub(idle))
+        Connections {
+            open,
+            in_use: open.saturating_sub(idle),
+            waiting: self.waiting.get(),
+        }
     }
 }

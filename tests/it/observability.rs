@@ -114,6 +114,11 @@ async fn metrics_after_a_short_run(b: Backend) {
     let age = sample(&text, "catbird_oldest_pending_age_seconds");
     assert!((0.0..60.0).contains(&age), "{age}");
     assert!(sample(&text, "catbird_db_connections{state=\"open\"}") >= 1.0);
+    assert_eq!(
+        sample(&text, "catbird_db_connections{state=\"waiting\"}"),
+        0.0,
+        "nobody waits when idle"
+    );
     assert!(sample(&text, "catbird_cleanup_runs_total{outcome=\"ok\"}") >= 1.0);
     assert!(sample(&text, "catbird_cleanup_duration_seconds_count") >= 1.0);
 
