@@ -10,6 +10,7 @@ mod crash;
 mod faults;
 mod hardening;
 mod limits;
+mod mls;
 mod observability;
 mod openapi;
 mod process;
