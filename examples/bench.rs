@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Scenarios: `send`, `fetch`, `pending`, `pending-data`, `ack`, `mixed` (send → pending
-//! → fetch → ack). Tokens are minted with `JWT_SECRET` or the development secret in
-//! `data/jwt_secret`.
+//! → fetch → ack), and `floor` (the storage work of a send without HTTP, configured from
+//! the environment like the server; compare its sends/s with `send`). Tokens are minted
+//! with `JWT_SECRET` or the development secret in `data/jwt_secret`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,10 @@ enum Scenario {
     PendingData,
     Ack,
     Mixed,
+    /// No HTTP: the blob put and the database transaction of a send, through the
+    /// project's own store code, configured like the server (DATABASE_URL, BLOB_*,
+    /// R2_* from the environment or `.env`): the floor a `send` run is compared with.
+    Floor,
 }
 
 #[derive(Debug, Parser)]
@@ -177,9 +182,70 @@ impl Client {
     }
 }
 
+/// The backend floor: `Relay::send` (blob put, then one transaction) without HTTP.
+async fn floor(args: &Args) -> anyhow::Result<()> {
+    let _ = dotenvy::dotenv();
+    let config = catbird_server::config::Config::try_parse_from(["bench"])?;
+    let relay = Arc::new(catbird_server::build_relay(&config).await?);
+    let payload = bytes::Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let (relay, payload, latencies) = (relay.clone(), payload.clone(), latencies.clone());
+            tokio::spawn(async move {
+                let did = format!("did:plc:floor{i}");
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let out = catbird_server::relay::Outgoing {
+                        sender: did.clone(),
+                        convo_id: "bench".into(),
+                        recipients: vec![did.clone()],
+                        payload: payload.clone(),
+                        idempotency_key: None,
+                    };
+                    relay.send(out).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    latencies
+                        .lock()
+                        .unwrap()
+                        .push(t.elapsed().as_micros() as u64);
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut l = std::mem::take(&mut *latencies.lock().unwrap());
+    l.sort_unstable();
+    println!(
+        "scenario Floor: {} clients, {} s, {} B payloads ({})",
+        args.clients, args.seconds, args.size, config.database_url
+    );
+    println!(
+        "sends         {} ({:.0}/s)",
+        l.len(),
+        l.len() as f64 / elapsed
+    );
+    println!(
+        "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        percentile(&l, 0.50),
+        percentile(&l, 0.90),
+        percentile(&l, 0.99),
+        percentile(&l, 1.0)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.scenario == Scenario::Floor {
+        return floor(&args).await;
+    }
     let secret = match std::env::var("JWT_SECRET") {
         Ok(s) => s,
         Err(_) => std::fs::read_to_string("data/jwt_secret")
@@ -262,6 +328,7 @@ async fn main() -> anyhow::Result<()> {
                             }
                             ids.extend(c.send(&Mutex::new(Stats::default()), &payload).await);
                         }
+                        Scenario::Floor => unreachable!("handled before any HTTP"),
                         Scenario::Mixed => {
                             c.send(&stats, &payload).await;
                             let pending = c.pending(&stats, false).await;
