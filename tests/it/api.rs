@@ -916,6 +916,17 @@ async fn c11_concurrent_writers_while_polling(b: Backend) {
     assert_eq!(bob.pending_ids("", 500).await.len(), 50);
 }
 
+/// `n` concurrent sends by `user`, each answered later.
+fn spawn_sends(user: &crate::common::User, n: usize) -> Vec<tokio::task::JoinHandle<Reply>> {
+    (0..n)
+        .map(|_| {
+            let user = user.clone();
+            let body = json!({"encrypted_data": "aGk=", "convo_id": "c", "recipients": [BOB]});
+            tokio::spawn(async move { user.send_raw(body, None).await })
+        })
+        .collect()
+}
+
 async fn c12_locked_database_is_503_and_reads_go_on(b: Backend) {
     let data = Data::new(b).await;
     let mut config = data.config();
@@ -931,19 +942,7 @@ async fn c12_locked_database_is_503_and_reads_go_on(b: Backend) {
 
     let mut lock = data.db().await;
     lock.lock_writes().await;
-    let writes: Vec<_> = (0..4)
-        .map(|_| {
-            let alice = alice.clone();
-            tokio::spawn(async move {
-                alice
-                    .send_raw(
-                        json!({"encrypted_data": "aGk=", "convo_id": "c", "recipients": [BOB]}),
-                        None,
-                    )
-                    .await
-            })
-        })
-        .collect();
+    let writes = spawn_sends(&alice, 4);
     // Reads are not blocked by the stuck writers.
     for _ in 0..5 {
         let started = std::time::Instant::now();
@@ -959,19 +958,7 @@ async fn c12_locked_database_is_503_and_reads_go_on(b: Backend) {
         assert!(r.header("retry-after").is_some());
     }
     // More writers than connections: those that cannot get one are 503 too, never 500.
-    let writes: Vec<_> = (0..10)
-        .map(|_| {
-            let alice = alice.clone();
-            tokio::spawn(async move {
-                alice
-                    .send_raw(
-                        json!({"encrypted_data": "aGk=", "convo_id": "c", "recipients": [BOB]}),
-                        None,
-                    )
-                    .await
-            })
-        })
-        .collect();
+    let writes = spawn_sends(&alice, 10);
     for w in writes {
         w.await.unwrap().expect(503, Some("unavailable"));
     }

@@ -279,12 +279,7 @@ impl TestServer {
     }
 
     pub fn user(&self, did: &str) -> User {
-        User {
-            did: did.to_owned(),
-            token: token(did),
-            base: self.base.clone(),
-            http: self.http.clone(),
-        }
+        User::new(&self.base, did)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -391,6 +386,20 @@ impl Reply {
 }
 
 impl User {
+    /// A caller of the server at `base` (in-process or a spawned binary).
+    pub fn new(base: &str, did: &str) -> User {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        User {
+            did: did.to_owned(),
+            token: token(did),
+            base: base.to_owned(),
+            http,
+        }
+    }
+
     pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.base))

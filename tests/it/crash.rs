@@ -15,7 +15,7 @@ use std::time::Duration;
 use catbird_server::config::{BlobBackend, Config};
 use serde_json::json;
 
-use crate::common::{Backend, Data, b64, token, unb64};
+use crate::common::{Backend, Data, User, b64, token, unb64};
 use crate::process::{Server, run};
 
 const BOB: &str = "did:plc:bob";
@@ -111,18 +111,10 @@ async fn kill_9_under_load_loses_nothing(b: Backend) {
 
     // Restart on the same data: every 201 is there, byte-identical, for each recipient.
     let server = Server::start(dir, &as_refs(&env)).await;
-    let http = reqwest::Client::new();
     for who in [BOB, CAROL] {
-        let t = token(who);
+        let user = User::new(&server.base, who);
         for (id, payload) in &acked {
-            let r = http
-                .get(format!("{}/api/v1/messages/{id}", server.base))
-                .bearer_auth(&t)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{who} lost {id}");
-            let m: serde_json::Value = r.json().await.unwrap();
+            let m = user.fetch(id).await.expect(200, None).body;
             assert_eq!(
                 &unb64(m["encrypted_data"].as_str().unwrap()),
                 payload,
@@ -131,32 +123,8 @@ async fn kill_9_under_load_loses_nothing(b: Backend) {
         }
         // Nothing is visible without its blob (messages committed but never answered
         // count too).
-        let mut cursor = String::new();
-        loop {
-            let url = format!("{}/api/v1/messages/pending?limit=500{cursor}", server.base);
-            let page: serde_json::Value = http
-                .get(url)
-                .bearer_auth(&t)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            for m in page["messages"].as_array().unwrap() {
-                let id = m["id"].as_str().unwrap();
-                let r = http
-                    .get(format!("{}/api/v1/messages/{id}", server.base))
-                    .bearer_auth(&t)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200, "{id} is pending but cannot be fetched");
-            }
-            match page["cursor"].as_str() {
-                Some(c) => cursor = format!("&cursor={c}"),
-                None => break,
-            }
+        for id in user.pending_ids("", 500).await {
+            user.fetch(&id).await.expect(200, None);
         }
     }
     let status = server.stop().await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Backend, Data, b64, token, unb64};
+use crate::common::{Backend, Data, User, b64, token, unb64};
 use crate::process::Server;
 
 /// A numeric knob from the environment, for running these tests at full scale.
@@ -148,35 +148,18 @@ async fn mixed_load_loses_nothing(b: Backend) {
     // A client may have emptied its queue and stopped just before another client's
     // last send reached it: one more drain of every queue, now that nobody sends.
     for me in &users {
-        let t = token(me);
+        let user = User::new(&server.base, me);
         loop {
-            let url = format!("{}/api/v1/messages/pending?limit=500", server.base);
-            let page: Value = http
-                .get(url)
-                .bearer_auth(&t)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let ids: Vec<&str> = page["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m["id"].as_str().unwrap())
-                .collect();
+            let ids = user.pending_ids("", 500).await;
             if ids.is_empty() {
                 break;
             }
-            let r = http
-                .post(format!("{}/api/v1/messages/ack", server.base))
-                .bearer_auth(&t)
-                .json(&json!({"ids": ids}))
-                .send()
-                .await
-                .unwrap();
-            settle(&tally, me, &r.json().await.unwrap());
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            settle(
+                &tally,
+                me,
+                &user.ack_many(&refs).await.expect(200, None).body,
+            );
         }
     }
     let elapsed = started.elapsed();
