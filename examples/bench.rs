@@ -36,6 +36,9 @@ enum Scenario {
     /// project's own store code, configured like the server (DATABASE_URL, BLOB_*,
     /// R2_* from the environment or `.env`): the floor a `send` run is compared with.
     Floor,
+    /// No HTTP: bulk-insert messages for 1,000 other recipients into DATABASE_URL until
+    /// it holds `--rows` of them (for the scale runs; their blobs are not written).
+    Seed,
 }
 
 #[derive(Debug, Parser)]
@@ -54,9 +57,18 @@ struct Args {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 1024)]
     size: usize,
-    /// Server process id, to report its peak RSS.
+    /// Server process id, to report its peak RSS (reset at the start of the run).
     #[arg(long)]
     pid: Option<u32>,
+    /// `seed`: how many seeded messages the database should hold afterwards.
+    #[arg(long, default_value_t = 1_000)]
+    rows: u64,
+    /// Append the figures to this file as one JSON object per line.
+    #[arg(long)]
+    record: Option<std::path::PathBuf>,
+    /// Free-form label stored with `--record` (configuration, table size, …).
+    #[arg(long, default_value = "")]
+    label: String,
 }
 
 #[derive(Default)]
@@ -114,6 +126,99 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kib / 1024.0)
+}
+
+/// Reset the process's peak RSS (VmHWM) so the next reading covers this run only.
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// The figures of one run, printed and optionally appended to `--record`.
+#[derive(serde::Serialize)]
+struct Report {
+    label: String,
+    scenario: String,
+    clients: usize,
+    seconds: u64,
+    size: usize,
+    requests: usize,
+    per_second: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    statuses: BTreeMap<u16, u64>,
+    messages_sent: u64,
+    blob_ops_per_message: BTreeMap<String, f64>,
+    peak_rss_mib: Option<f64>,
+}
+
+impl Report {
+    fn new(args: &Args, mut latencies_us: Vec<u64>, elapsed: f64) -> Self {
+        latencies_us.sort_unstable();
+        let l = &latencies_us;
+        Self {
+            label: args.label.clone(),
+            scenario: args
+                .scenario
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default(),
+            clients: args.clients,
+            seconds: args.seconds,
+            size: args.size,
+            requests: l.len(),
+            per_second: l.len() as f64 / elapsed,
+            p50_ms: percentile(l, 0.50),
+            p90_ms: percentile(l, 0.90),
+            p99_ms: percentile(l, 0.99),
+            max_ms: percentile(l, 1.0),
+            statuses: BTreeMap::new(),
+            messages_sent: 0,
+            blob_ops_per_message: BTreeMap::new(),
+            peak_rss_mib: None,
+        }
+    }
+
+    fn print(&self, args: &Args) -> anyhow::Result<()> {
+        println!(
+            "scenario {}: {} clients, {} s, {} B payloads {}",
+            self.scenario, self.clients, self.seconds, self.size, self.label
+        );
+        println!("requests      {} ({:.0}/s)", self.requests, self.per_second);
+        println!(
+            "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+            self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
+        );
+        if !self.statuses.is_empty() {
+            println!("statuses      {:?}", self.statuses);
+        }
+        if !self.blob_ops_per_message.is_empty() {
+            let per: Vec<String> = self
+                .blob_ops_per_message
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect();
+            println!(
+                "blob ops/msg  {} (messages sent: {})",
+                per.join("  "),
+                self.messages_sent
+            );
+        }
+        if let Some(mib) = self.peak_rss_mib {
+            println!("server peak RSS {mib:.1} MiB");
+        }
+        if let Some(path) = &args.record {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open --record {}", path.display()))?;
+            writeln!(f, "{}", serde_json::to_string(self)?)?;
+        }
+        Ok(())
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -219,23 +324,110 @@ async fn floor(args: &Args) -> anyhow::Result<()> {
         t.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let mut l = std::mem::take(&mut *latencies.lock().unwrap());
-    l.sort_unstable();
+    let l = std::mem::take(&mut *latencies.lock().unwrap());
+    let mut report = Report::new(args, l, elapsed);
+    report.messages_sent = report.requests as u64;
+    report.print(args)
+}
+
+/// Bulk-insert messages from `did:plc:seeder` to 1,000 other recipients until the
+/// database holds `--rows` of them. Rows only: nobody reads these blobs.
+async fn seed(args: &Args) -> anyhow::Result<()> {
+    let _ = dotenvy::dotenv();
+    let config = catbird_server::config::Config::try_parse_from(["bench"])?;
+    catbird_server::open_store(&config).await?; // creates and migrates
+    let url = &config.database_url;
+    let started = Instant::now();
+    let (before, after): (i64, i64) = if url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(url).await?;
+        let count = "select count(*) from messages where sender = 'did:plc:seeder'";
+        let before: i64 = sqlx::query_scalar(count).fetch_one(&pool).await?;
+        let mut tx = pool.begin().await?;
+        // Random version-4 UUIDs in canonical text, like the server's.
+        sqlx::query(
+            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at)
+             with recursive n(i) as (select ?1 + 1 union all select i + 1 from n where i < ?2),
+             r(i, h) as (select i, lower(hex(randomblob(16))) from n),
+             u(i, id) as (select i, substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3)
+                 || '-' || substr('89ab', 1 + (i % 4), 1) || substr(h, 18, 3) || '-' || substr(h, 21, 12) from r)
+             select id, 'seed-' || (i % 1000), i, 'did:plc:seeder', 'seed/' || i, 1024,
+                 cast(unixepoch('subsec') * 1000 as integer) - (?2 - i),
+                 cast(unixepoch('subsec') * 1000 as integer) + 30 * 86400000
+             from u",
+        )
+        .bind(before)
+        .bind(args.rows as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into recipients (message_id, recipient, created_at)
+             select id, 'did:plc:seed' || (seq % 1000), created_at from messages
+             where sender = 'did:plc:seeder' and seq > ?",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into conversations (convo_id, last_seq)
+             select convo_id, max(seq) from messages where sender = 'did:plc:seeder' group by convo_id
+             on conflict (convo_id) do update set last_seq = excluded.last_seq",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        // Measure the steady state, not the bulk load still being written back.
+        sqlx::query("analyze").execute(&pool).await?;
+        sqlx::query("pragma wal_checkpoint(truncate)")
+            .execute(&pool)
+            .await?;
+        (before, sqlx::query_scalar(count).fetch_one(&pool).await?)
+    } else {
+        let pool = sqlx::PgPool::connect(url).await?;
+        let count = "select count(*) from messages where sender = 'did:plc:seeder'";
+        let before: i64 = sqlx::query_scalar(count).fetch_one(&pool).await?;
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at)
+             select id, 'seed-' || (i % 1000), i, 'did:plc:seeder', 'seed/' || i, 1024,
+                 now() - ($2 - i) * interval '1 millisecond', now() + interval '30 days'
+             from (select i, gen_random_uuid() as id from generate_series($1 + 1, $2) i) n",
+        )
+        .bind(before)
+        .bind(args.rows as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into recipients (message_id, recipient, created_at)
+             select id, 'did:plc:seed' || (seq % 1000), created_at from messages
+             where sender = 'did:plc:seeder' and seq > $1",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into conversations (convo_id, last_seq)
+             select convo_id, max(seq) from messages where sender = 'did:plc:seeder' group by convo_id
+             on conflict (convo_id) do update set last_seq = excluded.last_seq",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        sqlx::query("vacuum analyze messages")
+            .execute(&pool)
+            .await?;
+        sqlx::query("vacuum analyze recipients")
+            .execute(&pool)
+            .await?;
+        if let Err(e) = sqlx::query("checkpoint").execute(&pool).await {
+            println!("(no checkpoint after seeding: {e})");
+        }
+        (before, sqlx::query_scalar(count).fetch_one(&pool).await?)
+    };
     println!(
-        "scenario Floor: {} clients, {} s, {} B payloads ({})",
-        args.clients, args.seconds, args.size, config.database_url
-    );
-    println!(
-        "sends         {} ({:.0}/s)",
-        l.len(),
-        l.len() as f64 / elapsed
-    );
-    println!(
-        "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-        percentile(&l, 0.50),
-        percentile(&l, 0.90),
-        percentile(&l, 0.99),
-        percentile(&l, 1.0)
+        "seeded {} messages for 1,000 other recipients in {:.1} s: {after} in all ({})",
+        after - before,
+        started.elapsed().as_secs_f64(),
+        config.database_url
     );
     Ok(())
 }
@@ -243,8 +435,10 @@ async fn floor(args: &Args) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.scenario == Scenario::Floor {
-        return floor(&args).await;
+    match args.scenario {
+        Scenario::Floor => return floor(&args).await,
+        Scenario::Seed => return seed(&args).await,
+        _ => {}
     }
     let secret = match std::env::var("JWT_SECRET") {
         Ok(s) => s,
@@ -258,10 +452,12 @@ async fn main() -> anyhow::Result<()> {
         .timeout(Duration::from_secs(30))
         .build()?;
     let payload = STANDARD.encode((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    // Clients send to themselves, so fetch/pending/ack find their own messages.
+    // Clients send to themselves, so fetch/pending/ack find their own messages; new DIDs
+    // each run, so a run does not find the previous run's messages in its pending lists.
+    let run = uuid::Uuid::new_v4().simple().to_string();
     let clients: Vec<Arc<Client>> = (0..args.clients)
         .map(|i| {
-            let did = format!("did:plc:bench{i}");
+            let did = format!("did:plc:bench{}x{i}", &run[..8]);
             Ok(Arc::new(Client {
                 http: http.clone(),
                 url: args.url.clone(),
@@ -291,6 +487,7 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let ops_before = blob_ops(&http, &args.url).await;
+    let rss_reset = args.pid.is_some_and(reset_peak_rss);
     let stats = Arc::new(Mutex::new(Stats::default()));
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
@@ -328,7 +525,7 @@ async fn main() -> anyhow::Result<()> {
                             }
                             ids.extend(c.send(&Mutex::new(Stats::default()), &payload).await);
                         }
-                        Scenario::Floor => unreachable!("handled before any HTTP"),
+                        Scenario::Floor | Scenario::Seed => unreachable!("no HTTP"),
                         Scenario::Mixed => {
                             c.send(&stats, &payload).await;
                             let pending = c.pending(&stats, false).await;
@@ -361,49 +558,26 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let ops_after = blob_ops(&http, &args.url).await;
 
-    let mut s = std::mem::take(&mut *stats.lock().unwrap());
-    s.latencies_us.sort_unstable();
-    let requests = s.latencies_us.len();
-    println!(
-        "scenario {:?}: {} clients, {} s, {} B payloads",
-        args.scenario, args.clients, args.seconds, args.size
-    );
-    println!(
-        "requests      {requests} ({:.0}/s)",
-        requests as f64 / elapsed
-    );
-    println!(
-        "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-        percentile(&s.latencies_us, 0.50),
-        percentile(&s.latencies_us, 0.90),
-        percentile(&s.latencies_us, 0.99),
-        percentile(&s.latencies_us, 1.0)
-    );
-    println!("statuses      {:?}", s.by_status);
+    let s = std::mem::take(&mut *stats.lock().unwrap());
+    let mut report = Report::new(&args, s.latencies_us, elapsed);
     if s.sent > 0 {
-        let per: Vec<String> = ops_after
+        report.blob_ops_per_message = ops_after
             .iter()
             .map(|(k, v)| {
-                format!(
-                    "{k} {:.2}",
-                    (v - ops_before.get(k).copied().unwrap_or(0.0)) / s.sent as f64
-                )
+                let before = ops_before.get(k).copied().unwrap_or(0.0);
+                (k.clone(), (v - before) / s.sent as f64)
             })
             .collect();
-        println!(
-            "blob ops/msg  {} (messages sent: {})",
-            per.join("  "),
-            s.sent
-        );
     }
-    if let Some(pid) = args.pid {
-        println!(
-            "server peak RSS {:.1} MiB",
-            peak_rss_mib(pid).unwrap_or(f64::NAN)
-        );
+    report.messages_sent = s.sent;
+    report.peak_rss_mib = args.pid.and_then(peak_rss_mib);
+    report.statuses = s.by_status;
+    report.print(&args)?;
+    if args.pid.is_some() && !rss_reset {
+        println!("(peak RSS could not be reset: it covers the server's whole life)");
     }
-    let errors: u64 = s
-        .by_status
+    let errors: u64 = report
+        .statuses
         .iter()
         .filter(|(k, _)| **k == 0 || **k >= 500)
         .map(|(_, n)| n)

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Render the Markdown tables of BENCHMARKS.md from a bench results file (JSON lines,
+as written by `bench --record`, e.g. by scripts/bench-report)."""
+
+import json
+import sys
+
+MIB = 1 << 20
+
+
+def size(b):
+    return f"{b // 1024} KiB" if b < MIB else f"{b // MIB} MiB"
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def others(r):
+    """Answers that are not 2xx, by status."""
+    bad = {k: v for k, v in r["statuses"].items() if not k.startswith("2")}
+    return ", ".join(f"{k}: {v}" for k, v in bad.items()) or "0"
+
+
+def ops(r):
+    return ", ".join(f"{k} {v:.2f}" for k, v in r["blob_ops_per_message"].items()) or "–"
+
+
+def rss(r):
+    return "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.1f}"
+
+
+def main(path):
+    runs = [json.loads(line) for line in open(path) if line.strip()]
+    configs = [c for c in ("embedded", "production") if any(r["label"] == c for r in runs)]
+
+    for c in configs:
+        print(f"\n### {c}: every scenario\n")
+        rows = [
+            (r["scenario"], r["clients"], size(r["size"]), f"{r['per_second']:.0f}",
+             f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}",
+             others(r), ops(r), rss(r))
+            for r in runs if r["label"] == c
+        ]
+        print(table(["scenario", "clients", "payload", "requests/s", "p50 ms", "p90 ms", "p99 ms",
+                     "max ms", "not 2xx", "blob ops per message sent", "server peak RSS MiB"], rows))
+
+    print("\n### send against the backend floor (1 KiB)\n")
+    rows = []
+    for c in configs:
+        for floor in (r for r in runs if r["label"] == c and r["scenario"] == "floor"):
+            send = next((r for r in runs if r["label"] == c and r["scenario"] == "send"
+                         and r["size"] == 1024 and r["clients"] == floor["clients"]), None)
+            if send is None:
+                continue
+            rows.append((c, floor["clients"], f"{floor['per_second']:.0f}",
+                         f"{send['per_second']:.0f}",
+                         f"{send['per_second'] / floor['per_second']:.2f}",
+                         f"{floor['p50_ms']:.1f} / {floor['p99_ms']:.1f}",
+                         f"{send['p50_ms']:.1f} / {send['p99_ms']:.1f}"))
+    print(table(["configuration", "clients", "floor sends/s", "server sends/s", "server / floor",
+                 "floor p50 / p99 ms", "server p50 / p99 ms"], rows))
+
+    print("\n### scale: 1,000 other recipients' messages in the tables\n")
+    rows = []
+    for c in configs:
+        base = {}
+        for r in runs:
+            if not r["label"].startswith(c + " rows="):
+                continue
+            n = int(r["label"].split("rows=")[1])
+            key = (r["scenario"], r["clients"])
+            base.setdefault(key, r["p50_ms"])
+            rows.append((c, f"{n:,}", r["scenario"], r["clients"], f"{r['per_second']:.0f}",
+                         f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                         f"{r['p50_ms'] / base[key]:.2f}"))
+    print(table(["configuration", "seeded rows", "scenario", "clients", "requests/s", "p50 ms",
+                 "p99 ms", "p50 / p50 at 1 k rows"], rows))
+
+    print("\n### memory: server peak RSS during send runs\n")
+    rows = []
+    for c in configs:
+        for r in runs:
+            if r["label"] == c and r["scenario"] == "send":
+                limit = max(128, 64 + 4 * r["clients"] * r["size"] / MIB)
+                within = r["peak_rss_mib"] is not None and r["peak_rss_mib"] <= limit
+                rows.append((c, size(r["size"]), r["clients"], rss(r), f"{limit:.0f}",
+                             "yes" if within else "**no**"))
+    print(table(["configuration", "payload", "clients", "peak RSS MiB",
+                 "limit MiB: max(128, 64 + 4 × payload in flight)", "within"], rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
