@@ -9,6 +9,9 @@
 //!     --pid $(pgrep -n catbird-server)
 //! ```
 //!
+//! Each client sends to itself in a conversation of its own: sends in one conversation
+//! are serialized by its sequence number, sends in different ones need not be.
+//!
 //! Scenarios: `send`, `fetch`, `pending`, `pending-data`, `ack`, `mixed` (send → pending
 //! → fetch → ack), and `floor` (the storage work of a send without HTTP, configured from
 //! the environment like the server; compare its sends/s with `send`). Tokens are minted
@@ -255,7 +258,7 @@ impl Client {
 
     async fn send(&self, stats: &Mutex<Stats>, payload: &str) -> Option<String> {
         let body =
-            json!({"encrypted_data": payload, "convo_id": "bench", "recipients": [self.peer]});
+            json!({"encrypted_data": payload, "convo_id": self.peer, "recipients": [self.peer]});
         let (status, v) = self
             .call(
                 stats,
@@ -305,7 +308,7 @@ async fn floor(args: &Args) -> anyhow::Result<()> {
                     let t = Instant::now();
                     let out = catbird_server::relay::Outgoing {
                         sender: did.clone(),
-                        convo_id: "bench".into(),
+                        convo_id: did.clone(),
                         recipients: vec![did.clone()],
                         payload: payload.clone(),
                         idempotency_key: None,

@@ -21,7 +21,7 @@ use uuid::Uuid;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or no connection was free in time: retryable.
     #[error("database unavailable: {0}")]

@@ -3,6 +3,10 @@
 //! WAL mode so readers never wait for the writer, and one dedicated writer connection so
 //! concurrent writes queue in the pool (bounded by the acquire timeout, then 503) instead
 //! of failing with SQLITE_BUSY. Times are integer milliseconds since the epoch.
+//!
+//! Sends are group-committed: every commit waits for the disk (synchronous = FULL), so
+//! the sends that arrive while one commit is in flight are written together by the next
+//! transaction, each in its own savepoint, and share one disk flush (BENCHMARKS.md).
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -15,6 +19,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
@@ -30,11 +35,18 @@ macro_rules! now {
     };
 }
 
+/// Most sends one group commit writes.
+const MAX_BATCH: usize = 64;
+
+type InsertReply = oneshot::Sender<Result<InsertOutcome, StoreError>>;
+
 pub struct SqliteStore {
     /// Exactly one connection: SQLite has one writer at a time anyway.
     writer: SqlitePool,
     readers: SqlitePool,
     waiting: Waiting,
+    /// Sends queued for the group-commit task ([`insert_batches`]).
+    inserts: mpsc::Sender<(NewMessage, InsertReply)>,
 }
 
 impl SqliteStore {
@@ -71,18 +83,19 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL {url}: {e}"))?;
+        let (inserts, queue) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(insert_batches(writer.clone(), queue));
         Ok(Self {
             writer,
             readers,
             waiting: Waiting::default(),
+            inserts,
         })
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         let _waiting = self.waiting.enter();
-        // IMMEDIATE takes the write lock up front, so a transaction never has to upgrade
-        // a read lock (which can fail with SQLITE_BUSY whatever the busy timeout).
-        Ok(self.writer.begin_with("begin immediate").await?)
+        Ok(begin(&self.writer).await?)
     }
 
     /// A connection of `pool`, counted as waiting until the pool hands it over.
@@ -90,6 +103,146 @@ impl SqliteStore {
         let _waiting = self.waiting.enter();
         Ok(pool.acquire().await?)
     }
+}
+
+async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+    // IMMEDIATE takes the write lock up front, so a transaction never has to upgrade
+    // a read lock (which can fail with SQLITE_BUSY whatever the busy timeout).
+    writer.begin_with("begin immediate").await
+}
+
+/// The group-commit task: takes every queued send (up to [`MAX_BATCH`]), writes them in
+/// one transaction and answers each. Ends when the store is dropped.
+async fn insert_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessage, InsertReply)>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let outcomes = insert_batch(&writer, &batch).await;
+        for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
+            // The caller may have given up (timeout, disconnect): its message stands,
+            // like any commit whose answer was lost; an Idempotency-Key retry replays it.
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// One transaction for `batch`, each message in its own savepoint so that one failing
+/// insert leaves the others in place; every message's outcome, in order.
+async fn insert_batch(
+    writer: &SqlitePool,
+    batch: &[(NewMessage, InsertReply)],
+) -> Vec<Result<InsertOutcome, StoreError>> {
+    let all = |e: StoreError| batch.iter().map(|_| Err(e.clone())).collect();
+    let mut tx = match begin(writer).await {
+        Ok(tx) => tx,
+        Err(e) => return all(e.into()),
+    };
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (m, _) in batch {
+        let outcome = async {
+            sqlx::query("savepoint send").execute(&mut *tx).await?;
+            let outcome = insert_one(&mut tx, m).await;
+            let end = if outcome.is_ok() {
+                "release send"
+            } else {
+                "rollback to send; release send"
+            };
+            sqlx::raw_sql(end).execute(&mut *tx).await?;
+            Ok::<_, sqlx::Error>(outcome)
+        }
+        .await;
+        match outcome {
+            Ok(outcome) => outcomes.push(outcome),
+            // The transaction itself is broken: nothing of the batch is stored.
+            Err(e) => return all(e.into()),
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => outcomes,
+        Err(e) => all(e.into()),
+    }
+}
+
+/// The statements of one send, inside the group-commit transaction.
+async fn insert_one(
+    tx: &mut Transaction<'static, Sqlite>,
+    m: &NewMessage,
+) -> Result<InsertOutcome, StoreError> {
+    if let Some(idem) = &m.idempotency {
+        // The writer connection is exclusive, so nobody can take the key between this
+        // check and our insert below; an earlier send of the same batch is seen here.
+        if let Some(row) = sqlx::query(SELECT_PRIOR)
+            .bind(&m.sender)
+            .bind(&idem.key)
+            .fetch_optional(&mut **tx)
+            .await?
+        {
+            return Ok(InsertOutcome::KeyTaken(prior(&row)?));
+        }
+    }
+    let seq: i64 = sqlx::query_scalar(
+        "insert into conversations (convo_id, last_seq) values (?, 1) \
+         on conflict (convo_id) do update set last_seq = last_seq + 1 returning last_seq",
+    )
+    .bind(&m.convo_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    let row = sqlx::query(concat!(
+        "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
+         values (?, ?, ?, ?, ?, ?, ",
+        now!(),
+        ", ",
+        now!(),
+        " + ?) returning created_at, expires_at"
+    ))
+    .bind(m.id.to_string())
+    .bind(&m.convo_id)
+    .bind(seq)
+    .bind(&m.sender)
+    .bind(&m.blob_key)
+    .bind(m.size)
+    .bind(millis(m.ttl))
+    .fetch_one(&mut **tx)
+    .await?;
+    let created_ms: i64 = row.try_get("created_at")?;
+    let expires_ms: i64 = row.try_get("expires_at")?;
+    let recipients_json =
+        serde_json::to_string(&m.recipients).map_err(|e| StoreError::Other(e.to_string()))?;
+    sqlx::query("insert into recipients (message_id, recipient, created_at) select ?, value, ? from json_each(?)")
+        .bind(m.id.to_string())
+        .bind(created_ms)
+        .bind(&recipients_json)
+        .execute(&mut **tx)
+        .await?;
+    if let Some(idem) = &m.idempotency {
+        sqlx::query(
+            "insert into idempotency_keys \
+             (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&m.sender)
+        .bind(&idem.key)
+        .bind(&idem.fingerprint)
+        .bind(m.id.to_string())
+        .bind(&m.convo_id)
+        .bind(seq)
+        .bind(&recipients_json)
+        .bind(m.size)
+        .bind(created_ms)
+        .bind(expires_ms)
+        .bind(created_ms.saturating_add(millis(idempotency_retention(m.ttl))))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(InsertOutcome::Created(Receipt {
+        id: m.id,
+        convo_id: m.convo_id.clone(),
+        seq,
+        sender: m.sender.clone(),
+        recipients: m.recipients.clone(),
+        size: m.size,
+        created_at: ts(created_ms)?,
+        expires_at: ts(expires_ms)?,
+    }))
 }
 
 fn ts(ms: i64) -> Result<DateTime<Utc>, sqlx::Error> {
@@ -185,84 +338,14 @@ impl MessageStore for SqliteStore {
     }
 
     async fn insert_message(&self, m: &NewMessage) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.begin().await?;
-        if let Some(idem) = &m.idempotency {
-            // The writer connection is exclusive, so nobody can take the key between
-            // this check and our insert below.
-            if let Some(row) = sqlx::query(SELECT_PRIOR)
-                .bind(&m.sender)
-                .bind(&idem.key)
-                .fetch_optional(&mut *tx)
-                .await?
-            {
-                return Ok(InsertOutcome::KeyTaken(prior(&row)?));
-            }
-        }
-        let seq: i64 = sqlx::query_scalar(
-            "insert into conversations (convo_id, last_seq) values (?, 1) \
-             on conflict (convo_id) do update set last_seq = last_seq + 1 returning last_seq",
-        )
-        .bind(&m.convo_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        let row = sqlx::query(concat!(
-            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
-             values (?, ?, ?, ?, ?, ?, ",
-            now!(),
-            ", ",
-            now!(),
-            " + ?) returning created_at, expires_at"
-        ))
-        .bind(m.id.to_string())
-        .bind(&m.convo_id)
-        .bind(seq)
-        .bind(&m.sender)
-        .bind(&m.blob_key)
-        .bind(m.size)
-        .bind(millis(m.ttl))
-        .fetch_one(&mut *tx)
-        .await?;
-        let created_ms: i64 = row.try_get("created_at")?;
-        let expires_ms: i64 = row.try_get("expires_at")?;
-        let recipients_json =
-            serde_json::to_string(&m.recipients).map_err(|e| StoreError::Other(e.to_string()))?;
-        sqlx::query("insert into recipients (message_id, recipient, created_at) select ?, value, ? from json_each(?)")
-            .bind(m.id.to_string())
-            .bind(created_ms)
-            .bind(&recipients_json)
-            .execute(&mut *tx)
-            .await?;
-        if let Some(idem) = &m.idempotency {
-            sqlx::query(
-                "insert into idempotency_keys \
-                 (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
-                 values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&m.sender)
-            .bind(&idem.key)
-            .bind(&idem.fingerprint)
-            .bind(m.id.to_string())
-            .bind(&m.convo_id)
-            .bind(seq)
-            .bind(&recipients_json)
-            .bind(m.size)
-            .bind(created_ms)
-            .bind(expires_ms)
-            .bind(created_ms.saturating_add(millis(idempotency_retention(m.ttl))))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(InsertOutcome::Created(Receipt {
-            id: m.id,
-            convo_id: m.convo_id.clone(),
-            seq,
-            sender: m.sender.clone(),
-            recipients: m.recipients.clone(),
-            size: m.size,
-            created_at: ts(created_ms)?,
-            expires_at: ts(expires_ms)?,
-        }))
+        let _waiting = self.waiting.enter();
+        let (reply, outcome) = oneshot::channel();
+        let stopped = || StoreError::Unavailable("the SQLite writer task has stopped".into());
+        self.inserts
+            .send((m.clone(), reply))
+            .await
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
     }
 
     async fn get_message(&self, id: Uuid, caller: &str) -> Result<Option<MessageMeta>, StoreError> {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use catbird_server::store::{
     Collected, Cursor, Idempotency, InsertOutcome, MessageStore, NewMessage, PendingQuery, Receipt,
+    StoreError,
 };
 use uuid::Uuid;
 
@@ -15,6 +16,7 @@ crate::on_both!(
     insert_then_get_respects_access,
     seq_counts_per_conversation,
     idempotency_key_taken_writes_nothing,
+    concurrent_inserts_fail_alone,
     pending_orders_pages_and_filters,
     ack_deletes_delivered_and_queues_blob,
     ack_without_delete_keeps_until_collect,
@@ -156,6 +158,73 @@ async fn idempotency_key_taken_writes_nothing(b: Backend) {
         2,
         "seq not consumed"
     );
+}
+
+/// Concurrent sends (on SQLite: written by shared group commits) where some fail (a
+/// blob key already used) or find their idempotency key taken by another of them: each
+/// gets its own outcome, and the others are stored with gapless seqs.
+async fn concurrent_inserts_fail_alone(b: Backend) {
+    let (_d, store) = open(b).await;
+    let key = |k: &str, f: &str| {
+        Some(Idempotency {
+            key: k.into(),
+            fingerprint: f.into(),
+        })
+    };
+    // Pairs: (plain, same blob key) and (key kN, same key kN).
+    let mut messages = Vec::new();
+    for i in 0..16 {
+        let mut m = new_message("c", "did:plc:a", &["did:plc:b"]);
+        let mut twin = new_message("c", "did:plc:a", &["did:plc:b"]);
+        if i % 2 == 0 {
+            twin.blob_key = m.blob_key.clone();
+        } else {
+            m.idempotency = key(&format!("k{i}"), "f");
+            twin.idempotency = key(&format!("k{i}"), "f");
+        }
+        messages.push(m);
+        messages.push(twin);
+    }
+    let outcomes = futures::future::join_all(messages.iter().map(|m| {
+        let store = store.clone();
+        async move { store.insert_message(m).await }
+    }))
+    .await;
+
+    let mut seqs = Vec::new();
+    for (i, pair) in outcomes.chunks(2).enumerate() {
+        let created: Vec<&Receipt> = pair
+            .iter()
+            .filter_map(|o| match o {
+                Ok(InsertOutcome::Created(r)) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(created.len(), 1, "pair {i}: exactly one stored: {pair:?}");
+        seqs.push(created[0].seq);
+        let other = pair
+            .iter()
+            .find(|o| !matches!(o, Ok(InsertOutcome::Created(_))))
+            .unwrap();
+        if i % 2 == 0 {
+            assert!(
+                matches!(other, Err(StoreError::Other(_))),
+                "pair {i}: {other:?}"
+            );
+        } else {
+            match other {
+                Ok(InsertOutcome::KeyTaken(p)) => assert_eq!(&&p.receipt, &created[0]),
+                o => panic!("pair {i}: expected KeyTaken, got {o:?}"),
+            }
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=16).collect::<Vec<i64>>(), "gapless");
+    let listed = store
+        .pending(&pending("did:plc:b", Cursor::START, 100))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 16);
 }
 
 async fn pending_orders_pages_and_filters(b: Backend) {
