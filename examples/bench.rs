@@ -45,6 +45,7 @@ enum Scenario {
 }
 
 #[derive(Debug, Parser)]
+#[command(args_override_self = true)] // the last --clients (etc.) given wins
 struct Args {
     /// Server base URL.
     #[arg(long, default_value = "http://127.0.0.1:3000")]
@@ -435,8 +436,16 @@ async fn seed(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Named threads: profiles tell this program from the server.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bench")
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.scenario {
         Scenario::Floor => return floor(&args).await,

@@ -35,8 +35,16 @@ struct Args {
     secret_key: String,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Named threads: profiles tell this program from the server.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("s3-server")
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(args.dir.join(&args.bucket))?;
     let fs = s3s_fs::FileSystem::new(&args.dir)

@@ -32,14 +32,37 @@ def rss(r):
     return "–" if r["peak_rss_mib"] is None else f"{r['peak_rss_mib']:.1f}"
 
 
+def collapse(runs):
+    """Repeated runs of one measurement become their median run (by requests/s), with
+    the range of requests/s noted."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["label"], r["scenario"], r["clients"], r["size"]), []).append(r)
+    out = []
+    for g in groups.values():
+        g.sort(key=lambda r: r["per_second"])
+        median = dict(g[len(g) // 2])
+        median["runs"] = len(g)
+        median["range"] = (g[0]["per_second"], g[-1]["per_second"])
+        out.append(median)
+    return out
+
+
+def rate(r):
+    if r["runs"] == 1:
+        return f"{r['per_second']:.0f}"
+    lo, hi = r["range"]
+    return f"{r['per_second']:.0f} (median of {r['runs']}: {lo:.0f}–{hi:.0f})"
+
+
 def main(path):
-    runs = [json.loads(line) for line in open(path) if line.strip()]
+    runs = collapse([json.loads(line) for line in open(path) if line.strip()])
     configs = [c for c in ("embedded", "production") if any(r["label"] == c for r in runs)]
 
     for c in configs:
         print(f"\n### {c}: every scenario\n")
         rows = [
-            (r["scenario"], r["clients"], size(r["size"]), f"{r['per_second']:.0f}",
+            (r["scenario"], r["clients"], size(r["size"]), rate(r),
              f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['max_ms']:.1f}",
              others(r), ops(r), rss(r))
             for r in runs if r["label"] == c
@@ -55,8 +78,7 @@ def main(path):
                          and r["size"] == 1024 and r["clients"] == floor["clients"]), None)
             if send is None:
                 continue
-            rows.append((c, floor["clients"], f"{floor['per_second']:.0f}",
-                         f"{send['per_second']:.0f}",
+            rows.append((c, floor["clients"], rate(floor), rate(send),
                          f"{send['per_second'] / floor['per_second']:.2f}",
                          f"{floor['p50_ms']:.1f} / {floor['p99_ms']:.1f}",
                          f"{send['p50_ms']:.1f} / {send['p99_ms']:.1f}"))
