@@ -1,8 +1,14 @@
 //! Filesystem `BlobStore`: the embedded default.
 //!
-//! `BLOB_DIR/ab/<uuid>`, sharded by the first two hex digits. A put writes a temporary
-//! file in `BLOB_DIR/.tmp`, fsyncs it, renames it into place and fsyncs the folder, so a
-//! key the database records always names a complete file, even after a crash.
+//! `BLOB_DIR/ab/<uuid>`, sharded by the first two hex digits. A put creates the file
+//! under its final name, fsyncs it and then its folder, and only then returns the key:
+//! the database records a key after that, so a recorded key always names a complete
+//! file, even after a crash. A put cut short by a crash leaves a partial file that no
+//! row names; the orphan sweep removes it once it is older than `ORPHAN_GRACE`.
+//!
+//! No temporary folder and no rename: with one folder for every file being written,
+//! concurrent puts queued on that folder's lock and on the filesystem-wide lock of
+//! cross-folder renames (BENCHMARKS.md has the profile).
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
@@ -13,9 +19,6 @@ use uuid::Uuid;
 
 use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter};
 
-/// Folder of files being written; renamed into a shard once complete.
-const TMP: &str = ".tmp";
-
 pub struct FsBlobStore {
     root: PathBuf,
     ops: OpCounter,
@@ -23,7 +26,7 @@ pub struct FsBlobStore {
 
 impl FsBlobStore {
     pub fn open(root: &Path) -> Result<Self, anyhow::Error> {
-        std::fs::create_dir_all(root.join(TMP))
+        std::fs::create_dir_all(root)
             .map_err(|e| anyhow::anyhow!("cannot create BLOB_DIR {}: {e}", root.display()))?;
         Ok(Self {
             root: root.to_path_buf(),
@@ -32,17 +35,28 @@ impl FsBlobStore {
     }
 
     /// The file of `key`; keys are UUIDs, so nothing else can name a path.
-    /// Temporary files are listed (and deleted by the orphan sweep) as `.tmp/<uuid>`:
-    /// a put cut short by a crash leaves one behind.
     fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
-        let (dir, id) = match key.strip_prefix(".tmp/") {
-            Some(id) => (Some(TMP), id),
-            None => (None, key),
-        };
-        let id = Uuid::parse_str(id).map_err(|_| BlobError::NotFound(key.to_owned()))?;
+        let id = Uuid::parse_str(key).map_err(|_| BlobError::NotFound(key.to_owned()))?;
         let name = id.hyphenated().to_string();
-        Ok(self.root.join(dir.unwrap_or(&name[..2])).join(name))
+        Ok(self.root.join(&name[..2]).join(name))
     }
+}
+
+/// Create `path` (which must not exist yet) with `data`, durably: the file's bytes and
+/// size, then its folder's entry. The shard folder is made on first use.
+fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("sharded path has a parent");
+    let create = || std::fs::File::create_new(path);
+    let mut f = match create() {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)?;
+            create()?
+        }
+        other => other?,
+    };
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn io_error(e: std::io::Error) -> BlobError {
@@ -70,19 +84,9 @@ impl BlobStore for FsBlobStore {
     async fn put(&self, data: Bytes) -> Result<String, BlobError> {
         let key = Uuid::new_v4().to_string();
         let path = self.path(&key)?;
-        let tmp = self.root.join(TMP).join(&key);
         self.blocking(BlobOp::Put, move || {
-            let dir = path.parent().expect("sharded path has a parent");
-            std::fs::create_dir_all(dir).map_err(io_error)?;
-            let write = || -> std::io::Result<()> {
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
-                std::fs::File::open(dir)?.sync_all()
-            };
-            write().map_err(|e| {
-                let _ = std::fs::remove_file(&tmp);
+            write_new(&path, &data).map_err(|e| {
+                let _ = std::fs::remove_file(&path);
                 io_error(e)
             })?;
             Ok(key)
@@ -130,7 +134,7 @@ impl BlobStore for FsBlobStore {
                 .map_err(io_error)?
                 .flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n == TMP || (n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit())))
+                .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
                 .filter(|n| page.as_ref().is_none_or(|after| n > after))
                 .collect();
             shards.sort();
@@ -146,12 +150,7 @@ impl BlobStore for FsBlobStore {
                 else {
                     continue;
                 };
-                let key = if shard == TMP {
-                    format!("{TMP}/{name}")
-                } else {
-                    name
-                };
-                blobs.push((key, meta.modified().map_err(io_error)?));
+                blobs.push((name, meta.modified().map_err(io_error)?));
             }
             let next = (shards.len() > 1).then(|| shard.clone());
             Ok(BlobPage { blobs, next })
@@ -160,9 +159,14 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn ping(&self) -> Result<(), BlobError> {
-        let tmp = self.root.join(TMP);
-        self.blocking(BlobOp::Head, move || {
-            std::fs::metadata(&tmp).map(|_| ()).map_err(io_error)
+        let root = self.root.clone();
+        self.blocking(BlobOp::Head, move || match std::fs::metadata(&root) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(BlobError::Unavailable(format!(
+                "BLOB_DIR {} is not a folder",
+                root.display()
+            ))),
+            Err(e) => Err(io_error(e)),
         })
         .await
     }

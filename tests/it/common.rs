@@ -210,9 +210,6 @@ impl Data {
     pub fn blob_files(&self) -> Vec<std::path::PathBuf> {
         fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
             for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-                if e.file_name() == ".tmp" {
-                    continue;
-                }
                 if e.path().is_dir() {
                     walk(&e.path(), out);
                 } else {

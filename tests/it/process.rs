@@ -305,14 +305,11 @@ fn gc_counts(stdout: &str) -> HashMap<String, u64> {
     counts
 }
 
-/// Every blob file under the default `data/blobs` (its temporary folder excluded).
+/// Every blob file under the default `data/blobs`.
 fn blob_files(dir: &Path) -> Vec<PathBuf> {
     fn walk(path: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
             let path = entry.path();
-            if entry.file_name() == ".tmp" {
-                continue;
-            }
             if path.is_dir() {
                 walk(&path, out);
             } else {
