@@ -6,9 +6,11 @@
 //!
 //! Sends are group-committed: every commit waits for the disk (synchronous = FULL), so
 //! the sends that arrive while one commit is in flight are written together by the next
-//! transaction, each in its own savepoint, and share one disk flush (BENCHMARKS.md).
+//! transaction and share one disk flush. That transaction runs the same handful of
+//! set-based statements (`json_each` over the batch) whatever its size, because each
+//! statement is a round trip to the connection's thread (BENCHMARKS.md).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -71,14 +73,18 @@ impl SqliteStore {
                 )
             })?;
         }
+        // A SQLite connection cannot go stale: no ping (a round trip to its thread)
+        // before each use.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .acquire_timeout(pool.acquire_timeout)
             .connect_with(options.clone())
             .await
             .map_err(|e| anyhow::anyhow!("cannot open DATABASE_URL {url}: {e}"))?;
         let readers = SqlitePoolOptions::new()
             .max_connections(pool.max_connections)
+            .test_before_acquire(false)
             .acquire_timeout(pool.acquire_timeout)
             .connect_with(options)
             .await
@@ -125,124 +131,201 @@ async fn insert_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessag
     }
 }
 
-/// One transaction for `batch`, each message in its own savepoint so that one failing
-/// insert leaves the others in place; every message's outcome, in order.
+/// One transaction for `batch`; every message's outcome, in order. Should one message
+/// make the transaction fail, each is tried again in a transaction of its own, so that
+/// it fails alone.
 async fn insert_batch(
     writer: &SqlitePool,
     batch: &[(NewMessage, InsertReply)],
 ) -> Vec<Result<InsertOutcome, StoreError>> {
-    let all = |e: StoreError| batch.iter().map(|_| Err(e.clone())).collect();
-    let mut tx = match begin(writer).await {
-        Ok(tx) => tx,
-        Err(e) => return all(e.into()),
-    };
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (m, _) in batch {
-        let outcome = async {
-            sqlx::query("savepoint send").execute(&mut *tx).await?;
-            let outcome = insert_one(&mut tx, m).await;
-            let end = if outcome.is_ok() {
-                "release send"
-            } else {
-                "rollback to send; release send"
-            };
-            sqlx::raw_sql(end).execute(&mut *tx).await?;
-            Ok::<_, sqlx::Error>(outcome)
+    let messages: Vec<&NewMessage> = batch.iter().map(|(m, _)| m).collect();
+    match insert_together(writer, &messages).await {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(StoreError::Other(_)) if messages.len() > 1 => {
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for m in messages {
+                outcomes.push(insert_together(writer, &[m]).await.map(|mut o| o.remove(0)));
+            }
+            outcomes
         }
-        .await;
-        match outcome {
-            Ok(outcome) => outcomes.push(outcome),
-            // The transaction itself is broken: nothing of the batch is stored.
-            Err(e) => return all(e.into()),
-        }
-    }
-    match tx.commit().await {
-        Ok(()) => outcomes,
-        Err(e) => all(e.into()),
+        Err(e) => messages.iter().map(|_| Err(e.clone())).collect(),
     }
 }
 
-/// The statements of one send, inside the group-commit transaction.
-async fn insert_one(
-    tx: &mut Transaction<'static, Sqlite>,
-    m: &NewMessage,
-) -> Result<InsertOutcome, StoreError> {
-    if let Some(idem) = &m.idempotency {
-        // The writer connection is exclusive, so nobody can take the key between this
-        // check and our insert below; an earlier send of the same batch is seen here.
-        if let Some(row) = sqlx::query(SELECT_PRIOR)
-            .bind(&m.sender)
-            .bind(&idem.key)
-            .fetch_optional(&mut **tx)
-            .await?
-        {
-            return Ok(InsertOutcome::KeyTaken(prior(&row)?));
+/// A message of a batch as the batch's statements read it (`json_each`).
+#[derive(serde::Serialize)]
+struct BatchRow<'a> {
+    id: String,
+    convo_id: &'a str,
+    seq: i64,
+    sender: &'a str,
+    blob_key: &'a str,
+    size: i64,
+    ttl_ms: i64,
+    recipients: &'a [String],
+    key: Option<&'a str>,
+    fingerprint: Option<&'a str>,
+    keep_ms: i64,
+}
+
+/// What became of one message of a batch before anything is written.
+enum Fate<'a> {
+    Write(BatchRow<'a>),
+    /// The key was used before this batch.
+    Taken(PriorRequest),
+    /// The key is used by the earlier message at this index of the same batch.
+    SameAs(usize),
+}
+
+/// Write `messages` in one transaction, with the same statements however many there
+/// are: one round trip to SQLite's thread per statement, not per message.
+async fn insert_together(
+    writer: &SqlitePool,
+    messages: &[&NewMessage],
+) -> Result<Vec<InsertOutcome>, StoreError> {
+    let mut tx = begin(writer).await?;
+
+    // Idempotency keys used before, by (sender, key).
+    let keys: Vec<(&str, &str)> = messages
+        .iter()
+        .filter_map(|m| Some((m.sender.as_str(), m.idempotency.as_ref()?.key.as_str())))
+        .collect();
+    let mut taken = HashMap::new();
+    if !keys.is_empty() {
+        let rows = sqlx::query(
+            "select k.* from idempotency_keys k join json_each(?) j \
+             on k.sender = j.value ->> 0 and k.key = j.value ->> 1",
+        )
+        .bind(json(&keys)?)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let sender: String = row.try_get("sender")?;
+            let key: String = row.try_get("key")?;
+            taken.insert((sender, key), prior(row)?);
         }
     }
-    let seq: i64 = sqlx::query_scalar(
-        "insert into conversations (convo_id, last_seq) values (?, 1) \
-         on conflict (convo_id) do update set last_seq = last_seq + 1 returning last_seq",
-    )
-    .bind(&m.convo_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    let row = sqlx::query(concat!(
-        "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
-         values (?, ?, ?, ?, ?, ?, ",
+
+    // The time every message of the batch is created at, and the conversations' last
+    // sequence numbers: the writer connection is exclusive, so nobody else moves them
+    // between this read and the writes below.
+    let convos: Vec<&str> = messages.iter().map(|m| m.convo_id.as_str()).collect();
+    let (now, last_seq): (i64, String) = sqlx::query_as(concat!(
+        "select ",
         now!(),
-        ", ",
-        now!(),
-        " + ?) returning created_at, expires_at"
+        ", coalesce((select json_group_object(convo_id, last_seq) from conversations \
+         where convo_id in (select value from json_each(?))), '{}')"
     ))
-    .bind(m.id.to_string())
-    .bind(&m.convo_id)
-    .bind(seq)
-    .bind(&m.sender)
-    .bind(&m.blob_key)
-    .bind(m.size)
-    .bind(millis(m.ttl))
-    .fetch_one(&mut **tx)
+    .bind(json(&convos)?)
+    .fetch_one(&mut *tx)
     .await?;
-    let created_ms: i64 = row.try_get("created_at")?;
-    let expires_ms: i64 = row.try_get("expires_at")?;
-    let recipients_json =
-        serde_json::to_string(&m.recipients).map_err(|e| StoreError::Other(e.to_string()))?;
-    sqlx::query("insert into recipients (message_id, recipient, created_at) select ?, value, ? from json_each(?)")
-        .bind(m.id.to_string())
-        .bind(created_ms)
-        .bind(&recipients_json)
-        .execute(&mut **tx)
-        .await?;
-    if let Some(idem) = &m.idempotency {
-        sqlx::query(
+    let mut last_seq: HashMap<String, i64> =
+        serde_json::from_str(&last_seq).map_err(|e| StoreError::Other(e.to_string()))?;
+
+    let mut claimed = HashMap::new();
+    let mut fates = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let idem = m.idempotency.as_ref();
+        if let Some(idem) = idem {
+            let id = (m.sender.clone(), idem.key.clone());
+            if let Some(prior) = taken.remove(&id) {
+                // Later messages of the batch with this key replay the same request.
+                claimed.insert(id, i);
+                fates.push(Fate::Taken(prior));
+                continue;
+            }
+            if let Some(&first) = claimed.get(&id) {
+                fates.push(Fate::SameAs(first));
+                continue;
+            }
+            claimed.insert(id, i);
+        }
+        let seq = last_seq.entry(m.convo_id.clone()).or_insert(0);
+        *seq += 1;
+        fates.push(Fate::Write(BatchRow {
+            id: m.id.to_string(),
+            convo_id: &m.convo_id,
+            seq: *seq,
+            sender: &m.sender,
+            blob_key: &m.blob_key,
+            size: m.size,
+            ttl_ms: millis(m.ttl),
+            recipients: &m.recipients,
+            key: idem.map(|i| i.key.as_str()),
+            fingerprint: idem.map(|i| i.fingerprint.as_str()),
+            keep_ms: millis(idempotency_retention(m.ttl)),
+        }));
+    }
+    let rows: Vec<&BatchRow> = fates
+        .iter()
+        .filter_map(|f| match f {
+            Fate::Write(row) => Some(row),
+            _ => None,
+        })
+        .collect();
+
+    if !rows.is_empty() {
+        // Each statement reads the batch as ?1 and, where it needs it, the time as ?2.
+        let rows = json(&rows)?;
+        for statement in [
+            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
+             select value ->> 'id', value ->> 'convo_id', value ->> 'seq', value ->> 'sender', \
+             value ->> 'blob_key', value ->> 'size', ?2, ?2 + (value ->> 'ttl_ms') from json_each(?1)",
+            "insert into recipients (message_id, recipient, created_at) \
+             select m.value ->> 'id', r.value, ?2 from json_each(?1) m, json_each(m.value -> 'recipients') r",
             "insert into idempotency_keys \
              (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&m.sender)
-        .bind(&idem.key)
-        .bind(&idem.fingerprint)
-        .bind(m.id.to_string())
-        .bind(&m.convo_id)
-        .bind(seq)
-        .bind(&recipients_json)
-        .bind(m.size)
-        .bind(created_ms)
-        .bind(expires_ms)
-        .bind(created_ms.saturating_add(millis(idempotency_retention(m.ttl))))
-        .execute(&mut **tx)
-        .await?;
+             select value ->> 'sender', value ->> 'key', value ->> 'fingerprint', value ->> 'id', \
+             value ->> 'convo_id', value ->> 'seq', value -> 'recipients', value ->> 'size', \
+             ?2, ?2 + (value ->> 'ttl_ms'), ?2 + (value ->> 'keep_ms') \
+             from json_each(?1) where value ->> 'key' is not null",
+            "insert into conversations (convo_id, last_seq) \
+             select value ->> 'convo_id', max(value ->> 'seq') from json_each(?1) where true group by 1 \
+             on conflict (convo_id) do update set last_seq = excluded.last_seq",
+        ] {
+            sqlx::query(statement)
+                .bind(&rows)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
     }
-    Ok(InsertOutcome::Created(Receipt {
-        id: m.id,
-        convo_id: m.convo_id.clone(),
-        seq,
-        sender: m.sender.clone(),
-        recipients: m.recipients.clone(),
-        size: m.size,
-        created_at: ts(created_ms)?,
-        expires_at: ts(expires_ms)?,
-    }))
+    tx.commit().await?;
+
+    let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(fates.len());
+    for (m, fate) in messages.iter().zip(fates) {
+        let outcome = match fate {
+            Fate::Write(row) => InsertOutcome::Created(Receipt {
+                id: m.id,
+                convo_id: m.convo_id.clone(),
+                seq: row.seq,
+                sender: m.sender.clone(),
+                recipients: m.recipients.clone(),
+                size: m.size,
+                created_at: ts(now)?,
+                expires_at: ts(now.saturating_add(row.ttl_ms))?,
+            }),
+            Fate::Taken(prior) => InsertOutcome::KeyTaken(prior),
+            Fate::SameAs(first) => InsertOutcome::KeyTaken(match &outcomes[first] {
+                InsertOutcome::Created(receipt) => PriorRequest {
+                    fingerprint: messages[first]
+                        .idempotency
+                        .as_ref()
+                        .map(|i| i.fingerprint.clone())
+                        .unwrap_or_default(),
+                    receipt: receipt.clone(),
+                },
+                InsertOutcome::KeyTaken(prior) => prior.clone(),
+            }),
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// A bound parameter for `json_each`.
+fn json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Other(e.to_string()))
 }
 
 fn ts(ms: i64) -> Result<DateTime<Utc>, sqlx::Error> {
@@ -505,7 +588,7 @@ impl MessageStore for SqliteStore {
         if keys.is_empty() {
             return Ok(());
         }
-        let json = serde_json::to_string(keys).map_err(|e| StoreError::Other(e.to_string()))?;
+        let json = json(keys)?;
         sqlx::query(
             "delete from blob_deletions where blob_key in (select value from json_each(?))",
         )
@@ -516,7 +599,7 @@ impl MessageStore for SqliteStore {
     }
 
     async fn referenced_blobs(&self, keys: &[String]) -> Result<HashSet<String>, StoreError> {
-        let json = serde_json::to_string(keys).map_err(|e| StoreError::Other(e.to_string()))?;
+        let json = json(keys)?;
         let found: Vec<String> = sqlx::query_scalar(
             "select blob_key from messages where blob_key in (select value from json_each(?))",
         )
