@@ -21,6 +21,9 @@ use super::{
     millis,
 };
 
+/// A pooled connection idle for this long is checked before use.
+const PING_IF_IDLE_FOR: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub struct PostgresStore {
     pool: PgPool,
     waiting: Waiting,
@@ -40,6 +43,18 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)
+            // sqlx pings every connection it hands out (a round trip each time) and again
+            // when it comes back. Like HikariCP's alive-bypass window, only a connection
+            // that sat idle is pinged on the way out; one that failed is closed on return.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(options);
         Ok(Self {
             pool,
@@ -143,65 +158,49 @@ impl MessageStore for PostgresStore {
     }
 
     async fn insert_message(&self, m: &NewMessage) -> Result<InsertOutcome, StoreError> {
-        let mut tx = self.begin().await?;
-        let seq: i64 = sqlx::query_scalar(
-            "insert into conversations (convo_id, last_seq) values ($1, 1) \
-             on conflict (convo_id) do update set last_seq = conversations.last_seq + 1 returning last_seq",
-        )
-        .bind(&m.convo_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        // clock_timestamp(), read after the conversation row is locked, so creation
-        // times follow seq order within a conversation (now() is the transaction start).
-        let row = sqlx::query(
-            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
-             select $1, $2, $3, $4, $5, $6, t, t + $7 * interval '1 millisecond' \
-             from (select date_trunc('milliseconds', clock_timestamp()) as t) now \
-             returning created_at, expires_at",
+        // One statement, so one round trip and its own transaction. The upsert locks the
+        // conversation row, so `seq` is gapless and in commit order, and the time is read
+        // after the lock (clock_timestamp(), not the statement start), so creation times
+        // follow `seq` within a conversation.
+        let idem = m.idempotency.as_ref();
+        let inserted = sqlx::query(
+            "with c as ( \
+                 insert into conversations (convo_id, last_seq) values ($2, 1) \
+                 on conflict (convo_id) do update set last_seq = conversations.last_seq + 1 \
+                 returning last_seq, date_trunc('milliseconds', clock_timestamp()) as t), \
+             m as ( \
+                 insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
+                 select $1, $2, c.last_seq, $3, $4, $5, c.t, c.t + $6 * interval '1 millisecond' from c \
+                 returning id, convo_id, seq, sender, size, created_at, expires_at), \
+             r as ( \
+                 insert into recipients (message_id, recipient, created_at) \
+                 select m.id, unnest($7::text[]), m.created_at from m), \
+             k as ( \
+                 insert into idempotency_keys \
+                 (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
+                 select m.sender, $8, $9, m.id, m.convo_id, m.seq, $7, m.size, m.created_at, m.expires_at, \
+                     m.created_at + $10 * interval '1 millisecond' \
+                 from m where $8::text is not null) \
+             select seq, created_at, expires_at from m",
         )
         .bind(m.id)
         .bind(&m.convo_id)
-        .bind(seq)
         .bind(&m.sender)
         .bind(&m.blob_key)
         .bind(size_i32(m.size)?)
         .bind(millis(m.ttl) as f64)
-        .fetch_one(&mut *tx)
-        .await?;
-        let created_at: DateTime<Utc> = row.try_get("created_at")?;
-        let expires_at: DateTime<Utc> = row.try_get("expires_at")?;
-        sqlx::query("insert into recipients (message_id, recipient, created_at) select $1, unnest($2::text[]), $3")
-            .bind(m.id)
-            .bind(&m.recipients)
-            .bind(created_at)
-            .execute(&mut *tx)
-            .await?;
-        if let Some(idem) = &m.idempotency {
-            // A concurrent request with the same key waits here until the first commits,
-            // then inserts nothing: it rolls back (seq included) and replays the winner.
-            let inserted = sqlx::query(
-                "insert into idempotency_keys \
-                 (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
-                 values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $9 + $11 * interval '1 millisecond') \
-                 on conflict (sender, key) do nothing",
-            )
-            .bind(&m.sender)
-            .bind(&idem.key)
-            .bind(&idem.fingerprint)
-            .bind(m.id)
-            .bind(&m.convo_id)
-            .bind(seq)
-            .bind(&m.recipients)
-            .bind(size_i32(m.size)?)
-            .bind(created_at)
-            .bind(expires_at)
-            .bind(millis(idempotency_retention(m.ttl)) as f64)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !inserted {
-                tx.rollback().await?;
+        .bind(&m.recipients)
+        .bind(idem.map(|i| &i.key))
+        .bind(idem.map(|i| &i.fingerprint))
+        .bind(millis(idempotency_retention(m.ttl)) as f64)
+        .fetch_one(&mut *self.conn().await?)
+        .await;
+        let row = match inserted {
+            Ok(row) => row,
+            // Another request holds the key: the statement wrote nothing (seq included).
+            // A concurrent one with the same key waited above until that one committed.
+            Err(sqlx::Error::Database(e)) if e.constraint() == Some("idempotency_keys_pkey") => {
+                let idem = idem.expect("only a send with a key inserts one");
                 let row = sqlx::query(SELECT_PRIOR)
                     .bind(&m.sender)
                     .bind(&idem.key)
@@ -209,17 +208,17 @@ impl MessageStore for PostgresStore {
                     .await?;
                 return Ok(InsertOutcome::KeyTaken(prior(&row)?));
             }
-        }
-        tx.commit().await?;
+            Err(e) => return Err(e.into()),
+        };
         Ok(InsertOutcome::Created(Receipt {
             id: m.id,
             convo_id: m.convo_id.clone(),
-            seq,
+            seq: row.try_get("seq")?,
             sender: m.sender.clone(),
             recipients: m.recipients.clone(),
             size: m.size,
-            created_at,
-            expires_at,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
         }))
     }
 
