@@ -118,7 +118,7 @@ impl Relay {
         let size = out.payload.len() as i64;
         let blob_key = self.blobs.put(out.payload).await?;
         let new = NewMessage {
-            id: Uuid::new_v4(),
+            id: Uuid::now_v7(),
             convo_id: out.convo_id,
             sender: out.sender,
             recipients: out.recipients,
