@@ -1,7 +1,8 @@
 //! Load driver: N concurrent clients against a running catbird-server for a while, one
 //! scenario at a time. Reports requests/s, latency percentiles, errors by status, the
-//! server's peak RSS (with `--pid`, from /proc) and object-store requests per message
-//! (from the server's own /metrics).
+//! server's peak RSS (with `--pid`, from /proc), object-store requests per message
+//! (from the server's own /metrics) and where the machine's CPU went: milliseconds per
+//! request by process name (server, database, S3 server, this program), from /proc.
 //!
 //! ```sh
 //! cargo run --release                                   # the server, in one terminal
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use catbird_server::store::NewMessage;
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 
@@ -137,6 +139,93 @@ fn reset_peak_rss(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
 
+/// CPU time used so far by every process on the machine (from /proc; empty elsewhere),
+/// and the machine's idle time: two snapshots around a run tell where its CPU went.
+struct CpuSnapshot {
+    /// By (pid, start time), so a pid reused during the run is a new process.
+    by_process: BTreeMap<(u32, u64), (String, u64)>,
+    total: u64,
+    idle: u64,
+}
+
+/// /proc counts CPU time in clock ticks of 1/USER_HZ s, 100 on every Linux ABI.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl CpuSnapshot {
+    fn take() -> Self {
+        let mut by_process = BTreeMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            // "pid (comm) state ppid … utime stime …": comm may hold spaces or ')'.
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            // Kernel workers rename themselves after the work item at hand: one name.
+            let name = &stat[open + 1..close];
+            let name = if name.starts_with("kworker/") {
+                "kworker"
+            } else {
+                name
+            };
+            // utime and stime are fields 14 and 15, starttime 22; fields[0] is field 3.
+            by_process.insert((pid, ticks(19)), (name.to_owned(), ticks(11) + ticks(12)));
+        }
+        let cpu: Vec<u64> = std::fs::read_to_string("/proc/stat")
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let total = cpu.iter().take(8).sum();
+        let idle = cpu.get(3).copied().unwrap_or(0) + cpu.get(4).copied().unwrap_or(0);
+        Self {
+            by_process,
+            total,
+            idle,
+        }
+    }
+
+    /// CPU milliseconds per request by process name since `before` (processes that
+    /// ended meanwhile are not counted), and the machine's idle share in percent.
+    fn since(&self, before: &Self, requests: usize) -> (BTreeMap<String, f64>, Option<f64>) {
+        let mut by_name = BTreeMap::<String, u64>::new();
+        for (process, (name, ticks)) in &self.by_process {
+            let earlier = before.by_process.get(process).map_or(0, |(_, t)| *t);
+            *by_name.entry(name.clone()).or_default() += ticks.saturating_sub(earlier);
+        }
+        let per_request = by_name
+            .into_iter()
+            .filter(|(_, t)| *t > 0)
+            .map(|(name, t)| {
+                (
+                    name,
+                    t as f64 * 1000.0 / TICKS_PER_SECOND / requests.max(1) as f64,
+                )
+            })
+            .collect();
+        let total = self.total.saturating_sub(before.total);
+        let idle = (total > 0)
+            .then(|| 100.0 * self.idle.saturating_sub(before.idle) as f64 / total as f64);
+        (per_request, idle)
+    }
+}
+
 /// The figures of one run, printed and optionally appended to `--record`.
 #[derive(serde::Serialize)]
 struct Report {
@@ -155,6 +244,12 @@ struct Report {
     messages_sent: u64,
     blob_ops_per_message: BTreeMap<String, f64>,
     peak_rss_mib: Option<f64>,
+    /// `floor`: p50 and p99 of each stage of a send, in milliseconds.
+    stages_p50_p99_ms: BTreeMap<String, (f64, f64)>,
+    /// Machine-wide CPU milliseconds per request, by process name (server, database,
+    /// S3 server, this program), and the share of the run the CPUs were idle.
+    cpu_ms_per_request: BTreeMap<String, f64>,
+    idle_percent: Option<f64>,
 }
 
 impl Report {
@@ -181,6 +276,9 @@ impl Report {
             messages_sent: 0,
             blob_ops_per_message: BTreeMap::new(),
             peak_rss_mib: None,
+            stages_p50_p99_ms: BTreeMap::new(),
+            cpu_ms_per_request: BTreeMap::new(),
+            idle_percent: None,
         }
     }
 
@@ -194,6 +292,9 @@ impl Report {
             "latency ms    p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
             self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms
         );
+        for (stage, (p50, p99)) in &self.stages_p50_p99_ms {
+            println!("  {stage:<11} p50 {p50:.2}  p99 {p99:.2}");
+        }
         if !self.statuses.is_empty() {
             println!("statuses      {:?}", self.statuses);
         }
@@ -211,6 +312,19 @@ impl Report {
         }
         if let Some(mib) = self.peak_rss_mib {
             println!("server peak RSS {mib:.1} MiB");
+        }
+        if let Some(idle) = self.idle_percent {
+            // The main consumers; the rest (under 0.01 ms each) summed as "other".
+            let mut by_cost: Vec<_> = self.cpu_ms_per_request.iter().collect();
+            by_cost.sort_by(|a, b| b.1.total_cmp(a.1));
+            let (main, rest): (Vec<_>, Vec<_>) =
+                by_cost.into_iter().partition(|(_, ms)| **ms >= 0.01);
+            let mut parts: Vec<String> = main.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+            parts.push(format!(
+                "other {:.3}",
+                rest.iter().map(|(_, v)| **v).sum::<f64>()
+            ));
+            println!("cpu ms/request {}; idle {idle:.0} %", parts.join("  "));
         }
         if let Some(path) = &args.record {
             use std::io::Write;
@@ -297,7 +411,9 @@ async fn floor(args: &Args) -> anyhow::Result<()> {
     let config = catbird_server::config::Config::try_parse_from(["bench"])?;
     let relay = Arc::new(catbird_server::build_relay(&config).await?);
     let payload = bytes::Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-    let latencies = Arc::new(Mutex::new(Vec::new()));
+    // Whole send, blob put, transaction: microseconds.
+    let latencies = Arc::new(Mutex::new((Vec::new(), Vec::new(), Vec::new())));
+    let cpu_before = CpuSnapshot::take();
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..args.clients)
@@ -307,18 +423,23 @@ async fn floor(args: &Args) -> anyhow::Result<()> {
                 let did = format!("did:plc:floor{i}");
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    let out = catbird_server::relay::Outgoing {
-                        sender: did.clone(),
+                    let blob_key = relay.blobs.put(payload.clone()).await?;
+                    let put = t.elapsed();
+                    let message = NewMessage {
+                        id: uuid::Uuid::now_v7(),
                         convo_id: did.clone(),
+                        sender: did.clone(),
                         recipients: vec![did.clone()],
-                        payload: payload.clone(),
-                        idempotency_key: None,
+                        blob_key,
+                        size: payload.len() as i64,
+                        ttl: relay.policy.message_ttl,
+                        idempotency: None,
                     };
-                    relay.send(out).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                    latencies
-                        .lock()
-                        .unwrap()
-                        .push(t.elapsed().as_micros() as u64);
+                    relay.store.insert_message(&message).await?;
+                    let mut l = latencies.lock().unwrap();
+                    l.0.push(t.elapsed().as_micros() as u64);
+                    l.1.push(put.as_micros() as u64);
+                    l.2.push((t.elapsed() - put).as_micros() as u64);
                 }
                 anyhow::Ok(())
             })
@@ -328,9 +449,18 @@ async fn floor(args: &Args) -> anyhow::Result<()> {
         t.await??;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let l = std::mem::take(&mut *latencies.lock().unwrap());
-    let mut report = Report::new(args, l, elapsed);
+    let cpu_after = CpuSnapshot::take();
+    let (whole, mut put, mut tx) = std::mem::take(&mut *latencies.lock().unwrap());
+    let mut report = Report::new(args, whole, elapsed);
     report.messages_sent = report.requests as u64;
+    for (stage, l) in [("blob put", &mut put), ("transaction", &mut tx)] {
+        l.sort_unstable();
+        report
+            .stages_p50_p99_ms
+            .insert(stage.into(), (percentile(l, 0.5), percentile(l, 0.99)));
+    }
+    (report.cpu_ms_per_request, report.idle_percent) =
+        cpu_after.since(&cpu_before, report.requests);
     report.print(args)
 }
 
@@ -347,16 +477,21 @@ async fn seed(args: &Args) -> anyhow::Result<()> {
         let count = "select count(*) from messages where sender = 'did:plc:seeder'";
         let before: i64 = sqlx::query_scalar(count).fetch_one(&pool).await?;
         let mut tx = pool.begin().await?;
-        // Random version-4 UUIDs in canonical text, like the server's.
+        // Ids and blob keys like the server's: version-7 UUIDs (creation time first) and
+        // random version-4 ones, in canonical text.
         sqlx::query(
             "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at)
              with recursive n(i) as (select ?1 + 1 union all select i + 1 from n where i < ?2),
-             r(i, h) as (select i, lower(hex(randomblob(16))) from n),
-             u(i, id) as (select i, substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3)
-                 || '-' || substr('89ab', 1 + (i % 4), 1) || substr(h, 18, 3) || '-' || substr(h, 21, 12) from r)
-             select id, 'seed-' || (i % 1000), i, 'did:plc:seeder', 'seed/' || i, 1024,
-                 cast(unixepoch('subsec') * 1000 as integer) - (?2 - i),
-                 cast(unixepoch('subsec') * 1000 as integer) + 30 * 86400000
+             r(i, t, h, k) as (select i, cast(unixepoch('subsec') * 1000 as integer) - (?2 - i),
+                 lower(hex(randomblob(16))), lower(hex(randomblob(16))) from n),
+             u(i, t, id, key) as (select i, t,
+                 substr(printf('%012x', t), 1, 8) || '-' || substr(printf('%012x', t), 9, 4) || '-7'
+                     || substr(h, 1, 3) || '-' || substr('89ab', 1 + (i % 4), 1) || substr(h, 4, 3)
+                     || '-' || substr(h, 7, 12),
+                 substr(k, 1, 8) || '-' || substr(k, 9, 4) || '-4' || substr(k, 13, 3) || '-'
+                     || substr('89ab', 1 + (i / 4 % 4), 1) || substr(k, 16, 3) || '-' || substr(k, 19, 12)
+                 from r)
+             select id, 'seed-' || (i % 1000), i, 'did:plc:seeder', key, 1024, t, t + 30 * 86400000
              from u",
         )
         .bind(before)
@@ -392,9 +527,13 @@ async fn seed(args: &Args) -> anyhow::Result<()> {
         let mut tx = pool.begin().await?;
         sqlx::query(
             "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at)
-             select id, 'seed-' || (i % 1000), i, 'did:plc:seeder', 'seed/' || i, 1024,
-                 now() - ($2 - i) * interval '1 millisecond', now() + interval '30 days'
-             from (select i, gen_random_uuid() as id from generate_series($1 + 1, $2) i) n",
+             select encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid())
+                     placing substring(int8send((extract(epoch from t) * 1000)::bigint) from 3)
+                     from 1 for 6), 52, 1), 53, 1), 'hex')::uuid,
+                 'seed-' || (i % 1000), i, 'did:plc:seeder', gen_random_uuid()::text, 1024,
+                 t, t + interval '30 days'
+             from (select i, date_trunc('milliseconds', now()) - ($2 - i) * interval '1 millisecond' as t
+                   from generate_series($1 + 1, $2) i) n",
         )
         .bind(before)
         .bind(args.rows as i64)
@@ -500,6 +639,7 @@ async fn run() -> anyhow::Result<()> {
 
     let ops_before = blob_ops(&http, &args.url).await;
     let rss_reset = args.pid.is_some_and(reset_peak_rss);
+    let cpu_before = CpuSnapshot::take();
     let stats = Arc::new(Mutex::new(Stats::default()));
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
@@ -568,6 +708,7 @@ async fn run() -> anyhow::Result<()> {
         t.await?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_after = CpuSnapshot::take();
     let ops_after = blob_ops(&http, &args.url).await;
 
     let s = std::mem::take(&mut *stats.lock().unwrap());
@@ -582,6 +723,8 @@ async fn run() -> anyhow::Result<()> {
             .collect();
     }
     report.messages_sent = s.sent;
+    (report.cpu_ms_per_request, report.idle_percent) =
+        cpu_after.since(&cpu_before, report.requests);
     report.peak_rss_mib = args.pid.and_then(peak_rss_mib);
     report.statuses = s.by_status;
     report.print(&args)?;
