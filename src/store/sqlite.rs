@@ -6,9 +6,10 @@
 //!
 //! Sends are group-committed: every commit waits for the disk (synchronous = FULL), so
 //! the sends that arrive while one commit is in flight are written together by the next
-//! transaction and share one disk flush. That transaction runs the same handful of
-//! set-based statements (`json_each` over the batch) whatever its size, because each
-//! statement is a round trip to the connection's thread (BENCHMARKS.md).
+//! transaction and share one disk flush. That transaction is two round trips to the
+//! connection's thread whatever its size (set-based statements, `json_each` over the
+//! batch, several per round trip): under load each round trip waits for a CPU, and
+//! the write lock is held meanwhile (BENCHMARKS.md).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
@@ -177,50 +178,60 @@ enum Fate<'a> {
     SameAs(usize),
 }
 
-/// Write `messages` in one transaction, with the same statements however many there
-/// are: one round trip to SQLite's thread per statement, not per message.
+/// Write `messages` in one transaction, in two round trips to SQLite's thread however
+/// many there are: one to begin and read, one to write and commit.
 async fn insert_together(
     writer: &SqlitePool,
     messages: &[&NewMessage],
 ) -> Result<Vec<InsertOutcome>, StoreError> {
-    let mut tx = begin(writer).await?;
+    let mut conn = writer.acquire().await?;
+    let outcomes = write_together(&mut conn, messages).await;
+    if outcomes.is_err() {
+        // A statement failed with the transaction perhaps still open: close the
+        // connection (which rolls it back) rather than hand it to the next writer.
+        conn.close_on_drop();
+    }
+    outcomes
+}
 
-    // Idempotency keys used before, by (sender, key).
+async fn write_together(
+    conn: &mut PoolConnection<Sqlite>,
+    messages: &[&NewMessage],
+) -> Result<Vec<InsertOutcome>, StoreError> {
+    // Idempotency keys used before, by (sender, key), then the time every message of
+    // the batch is created at and the conversations' last sequence numbers. The write
+    // lock is held from here to the commit, so nobody else moves them meanwhile.
     let keys: Vec<(&str, &str)> = messages
         .iter()
         .filter_map(|m| Some((m.sender.as_str(), m.idempotency.as_ref()?.key.as_str())))
         .collect();
-    let mut taken = HashMap::new();
-    if !keys.is_empty() {
-        let rows = sqlx::query(
-            "select k.* from idempotency_keys k join json_each(?) j \
-             on k.sender = j.value ->> 0 and k.key = j.value ->> 1",
-        )
-        .bind(json(&keys)?)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &rows {
-            let sender: String = row.try_get("sender")?;
-            let key: String = row.try_get("key")?;
-            taken.insert((sender, key), prior(row)?);
-        }
-    }
-
-    // The time every message of the batch is created at, and the conversations' last
-    // sequence numbers: the writer connection is exclusive, so nobody else moves them
-    // between this read and the writes below.
     let convos: Vec<&str> = messages.iter().map(|m| m.convo_id.as_str()).collect();
-    let (now, last_seq): (i64, String) = sqlx::query_as(concat!(
-        "select ",
+    let rows = sqlx::query(concat!(
+        "begin immediate; \
+         select k.* from idempotency_keys k join json_each(?1) j \
+         on k.sender = j.value ->> 0 and k.key = j.value ->> 1; \
+         select ",
         now!(),
-        ", coalesce((select json_group_object(convo_id, last_seq) from conversations \
-         where convo_id in (select value from json_each(?))), '{}')"
+        " as now, coalesce((select json_group_object(convo_id, last_seq) from conversations \
+         where convo_id in (select value from json_each(?2))), '{}') as last_seq"
     ))
+    .bind(json(&keys)?)
     .bind(json(&convos)?)
-    .fetch_one(&mut *tx)
+    .fetch_all(&mut **conn)
     .await?;
-    let mut last_seq: HashMap<String, i64> =
-        serde_json::from_str(&last_seq).map_err(|e| StoreError::Other(e.to_string()))?;
+    // The last statement gives exactly one row, the last one.
+    let (clock, key_rows) = rows
+        .split_last()
+        .ok_or_else(|| StoreError::Other("the batch read returned no rows".into()))?;
+    let now: i64 = clock.try_get("now")?;
+    let mut last_seq: HashMap<String, i64> = serde_json::from_str(clock.try_get("last_seq")?)
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+    let mut taken = HashMap::new();
+    for row in key_rows {
+        let sender: String = row.try_get("sender")?;
+        let key: String = row.try_get("key")?;
+        taken.insert((sender, key), prior(row)?);
+    }
 
     let mut claimed = HashMap::new();
     let mut fates = Vec::with_capacity(messages.len());
@@ -264,33 +275,31 @@ async fn insert_together(
         })
         .collect();
 
-    if !rows.is_empty() {
-        // Each statement reads the batch as ?1 and, where it needs it, the time as ?2.
-        let rows = json(&rows)?;
-        for statement in [
-            "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
-             select value ->> 'id', value ->> 'convo_id', value ->> 'seq', value ->> 'sender', \
-             value ->> 'blob_key', value ->> 'size', ?2, ?2 + (value ->> 'ttl_ms') from json_each(?1)",
-            "insert into recipients (message_id, recipient, created_at) \
-             select m.value ->> 'id', r.value, ?2 from json_each(?1) m, json_each(m.value -> 'recipients') r",
-            "insert into idempotency_keys \
-             (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
-             select value ->> 'sender', value ->> 'key', value ->> 'fingerprint', value ->> 'id', \
-             value ->> 'convo_id', value ->> 'seq', value -> 'recipients', value ->> 'size', \
-             ?2, ?2 + (value ->> 'ttl_ms'), ?2 + (value ->> 'keep_ms') \
-             from json_each(?1) where value ->> 'key' is not null",
-            "insert into conversations (convo_id, last_seq) \
-             select value ->> 'convo_id', max(value ->> 'seq') from json_each(?1) where true group by 1 \
-             on conflict (convo_id) do update set last_seq = excluded.last_seq",
-        ] {
-            sqlx::query(statement)
-                .bind(&rows)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-    tx.commit().await?;
+    // Every statement reads the batch as ?1 and the time as ?2.
+    let write = if rows.is_empty() {
+        "commit"
+    } else {
+        "insert into messages (id, convo_id, seq, sender, blob_key, size, created_at, expires_at) \
+         select value ->> 'id', value ->> 'convo_id', value ->> 'seq', value ->> 'sender', \
+         value ->> 'blob_key', value ->> 'size', ?2, ?2 + (value ->> 'ttl_ms') from json_each(?1); \
+         insert into recipients (message_id, recipient, created_at) \
+         select m.value ->> 'id', r.value, ?2 from json_each(?1) m, json_each(m.value -> 'recipients') r; \
+         insert into idempotency_keys \
+         (sender, key, fingerprint, message_id, convo_id, seq, recipients, size, created_at, expires_at, keep_until) \
+         select value ->> 'sender', value ->> 'key', value ->> 'fingerprint', value ->> 'id', \
+         value ->> 'convo_id', value ->> 'seq', value -> 'recipients', value ->> 'size', \
+         ?2, ?2 + (value ->> 'ttl_ms'), ?2 + (value ->> 'keep_ms') \
+         from json_each(?1) where value ->> 'key' is not null; \
+         insert into conversations (convo_id, last_seq) \
+         select value ->> 'convo_id', max(value ->> 'seq') from json_each(?1) where true group by 1 \
+         on conflict (convo_id) do update set last_seq = excluded.last_seq; \
+         commit"
+    };
+    sqlx::query(write)
+        .bind(json(&rows)?)
+        .bind(now)
+        .execute(&mut **conn)
+        .await?;
 
     let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(fates.len());
     for (m, fate) in messages.iter().zip(fates) {
