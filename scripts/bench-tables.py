@@ -85,6 +85,24 @@ def main(path):
     print(table(["configuration", "clients", "floor sends/s", "server sends/s", "server / floor",
                  "floor p50 / p99 ms", "server p50 / p99 ms"], rows))
 
+    print("\n### where the CPU went: milliseconds per send, by process (64 clients, 1 KiB)\n")
+    print("In `floor` runs the bench program does the server's storage work itself; in `send`")
+    print("runs it is only the HTTP client. `idle` is the share of both CPUs left unused.\n")
+    names = ["catbird-server", "bench", "postgres", "s3_server", "kworker"]
+    rows = []
+    for c in configs:
+        for r in runs:
+            if (r["label"] == c and r["scenario"] in ("floor", "send") and r["size"] == 1024
+                    and r["clients"] == 64 and r.get("cpu_ms_per_request")):
+                cpu = r["cpu_ms_per_request"]
+                known = [cpu.get(n, 0.0) for n in names]
+                rest = sum(cpu.values()) - sum(known)
+                idle = r.get("idle_percent")
+                rows.append((c, r["scenario"], *(f"{v:.3f}" if v >= 0.0005 else "–" for v in known),
+                             f"{rest:.3f}", f"{sum(cpu.values()):.3f}",
+                             "–" if idle is None else f"{idle:.0f} %"))
+    print(table(["configuration", "run", *names, "other", "total", "idle"], rows))
+
     print("\n### scale: 1,000 other recipients' messages in the tables\n")
     rows = []
     for c in configs:
