@@ -92,20 +92,22 @@ async fn run() -> anyhow::Result<()> {
     }
 }
 
-/// `root/<bucket>/<shard>/<key, percent-encoded>`: 256 shard folders by a hash of the
-/// key, so concurrent PUTs rarely share a folder.
+/// `root/<bucket>/<folder>/<shard>/<name>`, where a key `a/b/name` has the folder
+/// `a%2Fb%2F` (everything up to its last `/`, percent-encoded; `_` when there is none)
+/// and one of 256 shards by a hash of the key: concurrent PUTs rarely share a folder,
+/// and listing a prefix such as `R2_PREFIX` reads only that prefix's folder.
 struct Store {
     root: PathBuf,
 }
 
 const SHARDS: usize = 256;
 
+/// The folder of keys without a `/`.
+const NO_FOLDER: &str = "_";
+
 impl Store {
     fn create_bucket(&self, bucket: &str) -> std::io::Result<()> {
-        for shard in 0..SHARDS {
-            std::fs::create_dir_all(self.root.join(bucket).join(format!("{shard:02x}")))?;
-        }
-        Ok(())
+        std::fs::create_dir_all(self.root.join(bucket))
     }
 
     fn bucket(&self, bucket: &str) -> S3Result<PathBuf> {
@@ -117,21 +119,26 @@ impl Store {
     }
 
     fn object(&self, bucket: &str, key: &str) -> S3Result<PathBuf> {
+        let (folder, name) = match key.rfind('/') {
+            Some(i) => (encode(&key[..=i]), encode(&key[i + 1..])),
+            None => (NO_FOLDER.to_owned(), encode(key)),
+        };
         // FNV-1a: any stable spread will do.
         let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
         });
         Ok(self
             .bucket(bucket)?
+            .join(folder)
             .join(format!("{:02x}", hash as usize % SHARDS))
-            .join(encode(key)))
+            .join(name))
     }
 }
 
-/// A key as one file name: bytes outside `[A-Za-z0-9_-]` become `%XX`.
-fn encode(key: &str) -> String {
-    let mut name = String::with_capacity(key.len());
-    for b in key.bytes() {
+/// Text as one file name: bytes outside `[A-Za-z0-9_-]` become `%XX`.
+fn encode(text: &str) -> String {
+    let mut name = String::with_capacity(text.len());
+    for b in text.bytes() {
         if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
             name.push(b as char);
         } else {
@@ -168,23 +175,49 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(internal)?
 }
 
-/// Every key of the bucket folder `dir` that starts with `prefix`, sorted, with its
-/// modification time and size.
-fn list(dir: &Path, prefix: &str) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
+/// One page of the keys in the bucket folder `dir` that start with `prefix` and sort
+/// after `after`: at most `max` of them in order, with their files, and whether more
+/// follow. Only the folders that can hold such keys are read.
+fn list(
+    dir: &Path,
+    prefix: &str,
+    after: Option<&str>,
+    max: usize,
+) -> std::io::Result<(Vec<(String, PathBuf)>, bool)> {
     let mut keys = Vec::new();
-    for shard in std::fs::read_dir(dir)? {
-        for file in std::fs::read_dir(shard?.path())? {
-            let file = file?;
-            let Some(key) = file.file_name().to_str().and_then(decode) else {
-                continue;
-            };
-            if key.starts_with(prefix) {
-                keys.push((key, file.metadata()?));
+    for folder in std::fs::read_dir(dir)? {
+        let folder = folder?;
+        let Some(name) = folder.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let path = if name == NO_FOLDER {
+            String::new()
+        } else {
+            match decode(&name) {
+                Some(path) => path,
+                None => continue,
+            }
+        };
+        if !(path.starts_with(prefix) || prefix.starts_with(&path)) {
+            continue;
+        }
+        for shard in std::fs::read_dir(folder.path())? {
+            for file in std::fs::read_dir(shard?.path())? {
+                let file = file?;
+                let Some(key) = file.file_name().to_str().and_then(decode) else {
+                    continue;
+                };
+                let key = path.clone() + &key;
+                if key.starts_with(prefix) && after.is_none_or(|a| key.as_str() > a) {
+                    keys.push((key, file.path()));
+                }
             }
         }
     }
-    keys.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(keys)
+    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let more = keys.len() > max;
+    keys.truncate(max);
+    Ok((keys, more))
 }
 
 #[async_trait::async_trait]
@@ -210,7 +243,19 @@ impl S3 for Store {
             }
         }
         let etag = format!("{:x}", data.len());
-        blocking(move || std::fs::write(&path, &data).map_err(internal)).await?;
+        blocking(move || {
+            let write = || std::fs::write(&path, &data);
+            match write() {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    // The first key of its folder and shard.
+                    std::fs::create_dir_all(path.parent().expect("object paths have a folder"))
+                        .and_then(|()| write())
+                }
+                other => other,
+            }
+            .map_err(internal)
+        })
+        .await?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(ETag::Strong(etag)),
             ..Default::default()
@@ -278,19 +323,20 @@ impl S3 for Store {
         let input = req.input;
         let dir = self.bucket(&input.bucket)?;
         let prefix = input.prefix.clone().unwrap_or_default();
-        let keys = blocking(move || list(&dir, &prefix).map_err(internal)).await?;
         // The continuation token is the last key of the previous page.
         let after = input.continuation_token.or(input.start_after);
         let max = input.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
-        let page: Vec<_> = keys
-            .into_iter()
-            .filter(|(k, _)| after.as_ref().is_none_or(|a| k > a))
-            .take(max + 1)
-            .collect();
-        let truncated = page.len() > max;
+        let (page, truncated) = blocking(move || {
+            let (page, more) = list(&dir, &prefix, after.as_deref(), max).map_err(internal)?;
+            let page = page
+                .into_iter()
+                .filter_map(|(key, path)| Some((key, std::fs::metadata(path).ok()?)))
+                .collect::<Vec<_>>();
+            Ok((page, more))
+        })
+        .await?;
         let contents: Vec<Object> = page
             .into_iter()
-            .take(max)
             .map(|(key, meta)| Object {
                 key: Some(key),
                 size: Some(meta.len() as i64),
