@@ -43,13 +43,16 @@ const MAX_BATCH: usize = 64;
 
 type InsertReply = oneshot::Sender<Result<InsertOutcome, StoreError>>;
 
+/// A send waiting for the group-commit task, with where to answer it.
+type Queued = (NewMessage, InsertReply);
+
 pub struct SqliteStore {
     /// Exactly one connection: SQLite has one writer at a time anyway.
     writer: SqlitePool,
     readers: SqlitePool,
     waiting: Waiting,
     /// Sends queued for the group-commit task ([`insert_batches`]).
-    inserts: mpsc::Sender<(NewMessage, InsertReply)>,
+    inserts: mpsc::Sender<Queued>,
 }
 
 impl SqliteStore {
@@ -120,13 +123,13 @@ async fn begin(writer: &SqlitePool) -> Result<Transaction<'static, Sqlite>, sqlx
 
 /// The group-commit task: takes every queued send (up to [`MAX_BATCH`]), writes them in
 /// one transaction and answers each. Ends when the store is dropped.
-async fn insert_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessage, InsertReply)>) {
+async fn insert_batches(writer: SqlitePool, mut queue: mpsc::Receiver<Queued>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let outcomes = insert_batch(&writer, &batch).await;
         for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-            // The caller may have given up (timeout, disconnect): its message stands,
-            // like any commit whose answer was lost; an Idempotency-Key retry replays it.
+            // A caller that gives up from here on may find its message stored, like any
+            // commit whose answer was lost; an Idempotency-Key retry replays it.
             let _ = reply.send(outcome);
         }
     }
@@ -134,22 +137,26 @@ async fn insert_batches(writer: SqlitePool, mut queue: mpsc::Receiver<(NewMessag
 
 /// One transaction for `batch`; every message's outcome, in order. Should one message
 /// make the transaction fail, each is tried again in a transaction of its own, so that
-/// it fails alone.
+/// it fails alone. A failed transaction wrote nothing: nothing can fail after its commit.
 async fn insert_batch(
     writer: &SqlitePool,
-    batch: &[(NewMessage, InsertReply)],
+    batch: &[Queued],
 ) -> Vec<Result<InsertOutcome, StoreError>> {
-    let messages: Vec<&NewMessage> = batch.iter().map(|(m, _)| m).collect();
-    match insert_together(writer, &messages).await {
-        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-        Err(StoreError::Other(_)) if messages.len() > 1 => {
-            let mut outcomes = Vec::with_capacity(messages.len());
-            for m in messages {
-                outcomes.push(insert_together(writer, &[m]).await.map(|mut o| o.remove(0)));
+    let queued: Vec<&Queued> = batch.iter().collect();
+    match insert_together(writer, &queued).await {
+        Ok(outcomes) => outcomes,
+        Err(StoreError::Other(_)) if queued.len() > 1 => {
+            let mut outcomes = Vec::with_capacity(queued.len());
+            for q in queued {
+                outcomes.push(
+                    insert_together(writer, &[q])
+                        .await
+                        .and_then(|mut o| o.remove(0)),
+                );
             }
             outcomes
         }
-        Err(e) => messages.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => queued.iter().map(|_| Err(e.clone())).collect(),
     }
 }
 
@@ -167,6 +174,10 @@ struct BatchRow<'a> {
     key: Option<&'a str>,
     fingerprint: Option<&'a str>,
     keep_ms: i64,
+    /// For the receipt, computed before anything is written: once the transaction
+    /// has committed, nothing may fail.
+    #[serde(skip)]
+    expires_at: DateTime<Utc>,
 }
 
 /// What became of one message of a batch before anything is written.
@@ -176,16 +187,20 @@ enum Fate<'a> {
     Taken(PriorRequest),
     /// The key is used by the earlier message at this index of the same batch.
     SameAs(usize),
+    /// The caller gave up before the write lock was ours (REQUEST_TIMEOUT,
+    /// disconnect) and was answered 503, which promises that nothing was stored.
+    Abandoned,
 }
 
-/// Write `messages` in one transaction, in two round trips to SQLite's thread however
-/// many there are: one to begin and read, one to write and commit.
+/// Write the messages of `batch` in one transaction, in two round trips to SQLite's
+/// thread however many there are: one to begin and read, one to write and commit.
+/// Err: the transaction failed and wrote nothing; otherwise each message's outcome.
 async fn insert_together(
     writer: &SqlitePool,
-    messages: &[&NewMessage],
-) -> Result<Vec<InsertOutcome>, StoreError> {
+    batch: &[&Queued],
+) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
     let mut conn = writer.acquire().await?;
-    let outcomes = write_together(&mut conn, messages).await;
+    let outcomes = write_together(&mut conn, batch).await;
     if outcomes.is_err() {
         // A statement failed with the transaction perhaps still open: close the
         // connection (which rolls it back) rather than hand it to the next writer.
@@ -196,8 +211,9 @@ async fn insert_together(
 
 async fn write_together(
     conn: &mut PoolConnection<Sqlite>,
-    messages: &[&NewMessage],
-) -> Result<Vec<InsertOutcome>, StoreError> {
+    batch: &[&Queued],
+) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+    let messages: Vec<&NewMessage> = batch.iter().map(|(m, _)| m).collect();
     // Idempotency keys used before, by (sender, key), then the time every message of
     // the batch is created at and the conversations' last sequence numbers. The write
     // lock is held from here to the commit, so nobody else moves them meanwhile.
@@ -233,9 +249,15 @@ async fn write_together(
         taken.insert((sender, key), prior(row)?);
     }
 
+    let created_at = ts(now)?;
     let mut claimed = HashMap::new();
     let mut fates = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
+    for (i, (m, reply)) in batch.iter().enumerate() {
+        // The write lock is ours: from here on the batch is as good as committed.
+        if reply.is_closed() {
+            fates.push(Fate::Abandoned);
+            continue;
+        }
         let idem = m.idempotency.as_ref();
         if let Some(idem) = idem {
             let id = (m.sender.clone(), idem.key.clone());
@@ -251,6 +273,8 @@ async fn write_together(
             }
             claimed.insert(id, i);
         }
+        let ttl_ms = millis(m.ttl);
+        let expires_at = ts(now.saturating_add(ttl_ms))?;
         let seq = last_seq.entry(m.convo_id.clone()).or_insert(0);
         *seq += 1;
         fates.push(Fate::Write(BatchRow {
@@ -260,11 +284,12 @@ async fn write_together(
             sender: &m.sender,
             blob_key: &m.blob_key,
             size: m.size,
-            ttl_ms: millis(m.ttl),
+            ttl_ms,
             recipients: &m.recipients,
             key: idem.map(|i| i.key.as_str()),
             fingerprint: idem.map(|i| i.fingerprint.as_str()),
             keep_ms: millis(idempotency_retention(m.ttl)),
+            expires_at,
         }));
     }
     let rows: Vec<&BatchRow> = fates
@@ -301,31 +326,35 @@ async fn write_together(
         .execute(&mut **conn)
         .await?;
 
-    let mut outcomes: Vec<InsertOutcome> = Vec::with_capacity(fates.len());
+    let mut outcomes: Vec<Result<InsertOutcome, StoreError>> = Vec::with_capacity(fates.len());
     for (m, fate) in messages.iter().zip(fates) {
         let outcome = match fate {
-            Fate::Write(row) => InsertOutcome::Created(Receipt {
+            Fate::Write(row) => Ok(InsertOutcome::Created(Receipt {
                 id: m.id,
                 convo_id: m.convo_id.clone(),
                 seq: row.seq,
                 sender: m.sender.clone(),
                 recipients: m.recipients.clone(),
                 size: m.size,
-                created_at: ts(now)?,
-                expires_at: ts(now.saturating_add(row.ttl_ms))?,
-            }),
-            Fate::Taken(prior) => InsertOutcome::KeyTaken(prior),
-            Fate::SameAs(first) => InsertOutcome::KeyTaken(match &outcomes[first] {
-                InsertOutcome::Created(receipt) => PriorRequest {
+                created_at,
+                expires_at: row.expires_at,
+            })),
+            Fate::Taken(prior) => Ok(InsertOutcome::KeyTaken(prior)),
+            Fate::SameAs(first) => match &outcomes[first] {
+                Ok(InsertOutcome::Created(receipt)) => Ok(InsertOutcome::KeyTaken(PriorRequest {
                     fingerprint: messages[first]
                         .idempotency
                         .as_ref()
                         .map(|i| i.fingerprint.clone())
                         .unwrap_or_default(),
                     receipt: receipt.clone(),
-                },
-                InsertOutcome::KeyTaken(prior) => prior.clone(),
-            }),
+                })),
+                Ok(InsertOutcome::KeyTaken(prior)) => Ok(InsertOutcome::KeyTaken(prior.clone())),
+                Err(e) => Err(e.clone()),
+            },
+            Fate::Abandoned => Err(StoreError::Unavailable(
+                "the caller gave up before its send was written".into(),
+            )),
         };
         outcomes.push(outcome);
     }
