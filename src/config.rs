@@ -31,7 +31,7 @@ pub enum Command {
         #[arg(long)]
         sub: String,
         /// How long the token is valid (humantime: `1h`, `30m`, `7d`).
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = duration)]
         ttl: Duration,
     },
     /// Run one clean-up pass (expired and delivered messages, queued blob deletions) and exit.
@@ -181,7 +181,7 @@ pub struct Config {
 
     /// Age after which a blob that no message references (left by a crash or a failed
     /// send) is deleted by clean-up. Use `0s` only while no server is running.
-    #[arg(long, env = "ORPHAN_GRACE", default_value = "1h", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "ORPHAN_GRACE", default_value = "1h", value_parser = duration, global = true)]
     pub orphan_grace: Duration,
 
     /// How often the background clean-up also scans the blob store for orphans (each
@@ -222,7 +222,7 @@ pub struct Config {
     pub request_timeout: Duration,
 
     /// On SIGTERM or Ctrl-C, how long in-flight requests may take to finish.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = duration, global = true)]
     pub shutdown_timeout: Duration,
 
     /// Browser origins allowed by CORS, comma-separated (`https://app.example.com`), or
@@ -240,8 +240,20 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-fn positive_duration(s: &str) -> Result<Duration, String> {
+/// Longest duration any setting takes: far beyond any sensible value, and far inside
+/// every clock and timestamp type the server adds durations to.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+fn duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 30d, 12h, 90s)"))?;
+    if d > MAX_DURATION {
+        return Err("must be at most 3650d (10 years)".into());
+    }
+    Ok(d)
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }

@@ -150,13 +150,25 @@ impl S3Settings {
                 "R2_BUCKET must be 3 to 63 lowercase letters, digits, '-' or '.' (got {bucket:?})"
             );
         }
+        // S3's safe key characters only: anything else needs URL-encoding in listings
+        // and XML requests (DeleteObjects), where some stores and proxies get it wrong.
+        let prefix = c.r2_prefix.clone();
+        let valid_prefix = prefix.len() <= 64
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!-_.*'()/".contains(&b));
+        if !valid_prefix {
+            anyhow::bail!(
+                "R2_PREFIX must be at most 64 letters, digits and !-_.*'()/ such as `messages/` (got {prefix:?})"
+            );
+        }
         if c.r2_region.trim().is_empty() {
             anyhow::bail!("R2_REGION must not be empty (R2 uses `auto`)");
         }
         Ok(Self {
             endpoint,
             bucket,
-            prefix: c.r2_prefix.clone(),
+            prefix,
             region: c.r2_region.clone(),
             access_key_id: required(&c.r2_access_key_id, "R2_ACCESS_KEY_ID")?,
             secret_access_key: required(&c.r2_secret_access_key, "R2_SECRET_ACCESS_KEY")?,

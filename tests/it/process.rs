@@ -575,6 +575,9 @@ async fn invalid_configuration_exits_non_zero_naming_the_variable() {
         ("PORT", "notaport"),
         ("BLOB_BACKEND", "ftp"),
         ("GC_INTERVAL", "0s"),
+        // Beyond every timestamp type: a send would fail after its commit.
+        ("MESSAGE_TTL", "300000y"),
+        ("ORPHAN_GRACE", "3651d"),
         ("MAX_MESSAGE_BYTES", "0"),
         ("DELETE_ON_DELIVERY", "maybe"),
         ("JWT_PUBLIC_KEY_FILE", "no-such-key.pem"),

@@ -304,7 +304,7 @@ async fn c05_startup_checks_name_the_variable() {
         "endpoint overrides account id"
     );
 
-    let cases: [(&str, Tweak); 7] = [
+    let cases: [(&str, Tweak); 9] = [
         ("R2_ACCESS_KEY_ID", |c| c.r2_access_key_id = None),
         ("R2_SECRET_ACCESS_KEY", |c| {
             c.r2_secret_access_key = Some(" ".into())
@@ -318,6 +318,10 @@ async fn c05_startup_checks_name_the_variable() {
         }),
         ("R2_BUCKET", |c| c.r2_bucket = "No_Such".into()),
         ("R2_REGION", |c| c.r2_region = String::new()),
+        // Control characters would break listing and batch-delete XML; long prefixes
+        // make keys some stores refuse.
+        ("R2_PREFIX", |c| c.r2_prefix = "messages\u{1}/".into()),
+        ("R2_PREFIX", |c| c.r2_prefix = "p/".repeat(33)),
     ];
     for (var, tweak) in cases {
         let mut c = base();
