@@ -19,6 +19,9 @@ use uuid::Uuid;
 
 use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter};
 
+/// The file readiness checks create and remove in BLOB_DIR (never a blob: not a shard).
+const PROBE: &str = ".readyz-probe";
+
 pub struct FsBlobStore {
     root: PathBuf,
     ops: OpCounter,
@@ -59,8 +62,10 @@ fn write_new(path: &Path, data: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn io_error(e: std::io::Error) -> BlobError {
-    BlobError::Unavailable(e.to_string())
+/// An I/O error naming the file or folder it happened to.
+fn io_error_at(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> BlobError {
+    let what = format!("cannot {what} {}", path.display());
+    move |e| BlobError::Unavailable(format!("{what}: {e}"))
 }
 
 impl FsBlobStore {
@@ -87,7 +92,7 @@ impl BlobStore for FsBlobStore {
         self.blocking(BlobOp::Put, move || {
             write_new(&path, &data).map_err(|e| {
                 let _ = std::fs::remove_file(&path);
-                io_error(e)
+                io_error_at("write", &path)(e)
             })?;
             Ok(key)
         })
@@ -100,7 +105,7 @@ impl BlobStore for FsBlobStore {
         self.blocking(BlobOp::Get, move || match std::fs::read(&path) {
             Ok(data) => Ok(Bytes::from(data)),
             Err(e) if e.kind() == ErrorKind::NotFound => Err(BlobError::NotFound(key)),
-            Err(e) => Err(io_error(e)),
+            Err(e) => Err(io_error_at("read", &path)(e)),
         })
         .await
     }
@@ -131,7 +136,7 @@ impl BlobStore for FsBlobStore {
         let root = self.root.clone();
         self.blocking(BlobOp::List, move || {
             let mut shards: Vec<String> = std::fs::read_dir(&root)
-                .map_err(io_error)?
+                .map_err(io_error_at("list", &root))?
                 .flatten()
                 .filter_map(|e| e.file_name().into_string().ok())
                 .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -142,15 +147,19 @@ impl BlobStore for FsBlobStore {
                 return Ok(BlobPage::default());
             };
             let mut blobs = Vec::new();
-            for entry in std::fs::read_dir(root.join(shard))
-                .map_err(io_error)?
+            let folder = root.join(shard);
+            for entry in std::fs::read_dir(&folder)
+                .map_err(io_error_at("list", &folder))?
                 .flatten()
             {
                 let (Ok(name), Ok(meta)) = (entry.file_name().into_string(), entry.metadata())
                 else {
                     continue;
                 };
-                blobs.push((name, meta.modified().map_err(io_error)?));
+                let modified = meta
+                    .modified()
+                    .map_err(io_error_at("stat", &entry.path()))?;
+                blobs.push((name, modified));
             }
             let next = (shards.len() > 1).then(|| shard.clone());
             Ok(BlobPage { blobs, next })
@@ -158,15 +167,17 @@ impl BlobStore for FsBlobStore {
         .await
     }
 
+    /// Ready when a file can be created in BLOB_DIR (a folder that is there but
+    /// read-only, or on a full disk's inode table, fails every send).
     async fn ping(&self) -> Result<(), BlobError> {
-        let root = self.root.clone();
-        self.blocking(BlobOp::Head, move || match std::fs::metadata(&root) {
-            Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(BlobError::Unavailable(format!(
-                "BLOB_DIR {} is not a folder",
-                root.display()
-            ))),
-            Err(e) => Err(io_error(e)),
+        let probe = self.root.join(PROBE);
+        self.blocking(BlobOp::Head, move || {
+            std::fs::File::create(&probe).map_err(io_error_at("create", &probe))?;
+            match std::fs::remove_file(&probe) {
+                // Another readiness check running at the same time removed it.
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(io_error_at("remove", &probe)(e)),
+                _ => Ok(()),
+            }
         })
         .await
     }

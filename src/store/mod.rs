@@ -37,19 +37,30 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => Self::Unavailable(e.to_string()),
-            // SQLITE_BUSY / SQLITE_LOCKED, a statement or lock timeout, or PostgreSQL going
-            // away mid-query: retryable.
-            sqlx::Error::Database(ref db)
-                if matches!(
-                    db.code().as_deref(),
-                    Some("5" | "6" | "57014" | "55P03" | "57P01" | "57P02" | "57P03")
-                ) =>
-            {
+            sqlx::Error::Database(ref db) if unavailable(db.as_ref()) => {
                 Self::Unavailable(e.to_string())
             }
             other => Self::Other(other.to_string()),
         }
     }
+}
+
+/// Whether a database error is the database being unable to work for now (retry
+/// later) rather than something wrong with the request or the data.
+fn unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // sqlx gives SQLite's extended code; its low byte is the primary code: BUSY,
+        // LOCKED, READONLY (the file turned read-only), IOERR, FULL (disk full),
+        // CANTOPEN.
+        let code: i32 = db.code().and_then(|c| c.parse().ok()).unwrap_or(0);
+        return matches!(code & 0xff, 5 | 6 | 8 | 10 | 13 | 14);
+    }
+    // PostgreSQL: statement or lock timeout, lock not available, the server shutting
+    // down or restarting, out of disk space or memory, too many connections.
+    matches!(
+        db.code().as_deref(),
+        Some("57014" | "55P03" | "57P01" | "57P02" | "57P03" | "53100" | "53200" | "53300")
+    )
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
@@ -304,4 +315,41 @@ pub(crate) fn idempotency_retention(ttl: Duration) -> Duration {
 
 pub(crate) fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk is the store being unavailable (503, retry later), not a 500: SQLite
+    /// says SQLITE_FULL when a write needs a page it cannot have, here because the
+    /// database may not grow past its current size.
+    #[tokio::test]
+    async fn sqlite_full_is_unavailable() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("create table t (b blob)")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query("pragma max_page_count = 2")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let e = sqlx::query("insert into t values (zeroblob(100000))")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("full"), "{e}");
+        assert!(
+            matches!(StoreError::from(e), StoreError::Unavailable(_)),
+            "SQLITE_FULL is retryable"
+        );
+        // A mistake in a statement is not.
+        let e = sqlx::query("select * from missing")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(matches!(StoreError::from(e), StoreError::Other(_)));
+    }
 }
