@@ -5,11 +5,14 @@
 //! request by process name (server, database, S3 server, this program), from /proc.
 //!
 //! ```sh
-//! cargo run --release                                   # the server, in one terminal
+//! RATE_LIMIT_PER_MINUTE=0 RUST_LOG=warn cargo run --release   # the server, in one terminal
 //! cargo run --release --example bench -- --scenario send --clients 64 --seconds 20 \
-//!     --pid $(pgrep -n catbird-server)
+//!     --pid <the server's process id>                          # in the same folder
 //! ```
 //!
+//! Any answer other than 2xx makes the run fail (exit 1) after its report: a 429 means
+//! the server's rate limit is on, a 401 that the bench and the server have different
+//! secrets.
 //! Each client sends to itself in a conversation of its own: sends in one conversation
 //! are serialized by its sequence number, sends in different ones need not be.
 //!
@@ -31,11 +34,17 @@ use serde_json::{Value, json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
+    /// POST /api/v1/messages (`--size` bytes of payload).
     Send,
+    /// GET /api/v1/messages/{id} of messages sent before the run.
     Fetch,
+    /// GET /api/v1/messages/pending?limit=50, ids only.
     Pending,
+    /// The same with include_data=true: up to 50 blobs per answer.
     PendingData,
+    /// Acknowledge one message, then send a replacement (only the ack is timed).
     Ack,
+    /// Send → pending → fetch the first → batch-ack the page, each request timed.
     Mixed,
     /// No HTTP: the blob put and the database transaction of a send, through the
     /// project's own store code, configured like the server (DATABASE_URL, BLOB_*,
@@ -46,6 +55,14 @@ enum Scenario {
     Seed,
 }
 
+/// Load driver for catbird-server: N concurrent clients for a while, one scenario.
+///
+/// Run it in the folder the server runs in: tokens are minted with JWT_SECRET (from the
+/// environment or `.env`) or the development secret in `data/jwt_secret`, so both must
+/// share the secret. Start the server with RATE_LIMIT_PER_MINUTE=0 (any 429 fails the
+/// run) and, for figures worth comparing, build both with --release. `floor` and `seed`
+/// use no server: they read DATABASE_URL, BLOB_* and R2_* like the server does.
+/// BENCHMARKS.md explains the scenarios; scripts/bench-report runs them all.
 #[derive(Debug, Parser)]
 #[command(args_override_self = true)] // the last --clients (etc.) given wins
 struct Args {
@@ -322,7 +339,7 @@ impl Report {
             let mut parts: Vec<String> = main.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
             parts.push(format!(
                 "other {:.3}",
-                rest.iter().map(|(_, v)| **v).sum::<f64>()
+                rest.iter().map(|(_, v)| **v).sum::<f64>().max(0.0).abs()
             ));
             println!("cpu ms/request {}; idle {idle:.0} %", parts.join("  "));
         }
@@ -734,12 +751,28 @@ async fn run() -> anyhow::Result<()> {
     if args.pid.is_some() && !rss_reset {
         println!("(peak RSS could not be reset: it covers the server's whole life)");
     }
-    let errors: u64 = report
+    // Figures with refused requests in them measure the refusals: fail instead.
+    let count = |status: u16| report.statuses.get(&status).copied().unwrap_or(0);
+    anyhow::ensure!(
+        count(429) == 0,
+        "{} requests were rate limited (429): start the server with RATE_LIMIT_PER_MINUTE=0",
+        count(429)
+    );
+    anyhow::ensure!(
+        count(401) == 0,
+        "{} requests were refused (401): the bench mints tokens with JWT_SECRET or \
+         data/jwt_secret in its working folder; give it the server's",
+        count(401)
+    );
+    let failed: u64 = report
         .statuses
         .iter()
-        .filter(|(k, _)| **k == 0 || **k >= 500)
+        .filter(|(k, _)| !(200..300).contains(*k))
         .map(|(_, n)| n)
         .sum();
-    anyhow::ensure!(errors == 0, "{errors} requests failed or answered 5xx");
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} requests failed or were not answered 2xx (status 0: no answer)"
+    );
     Ok(())
 }
