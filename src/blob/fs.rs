@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter};
+use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter, is_blob_name};
 
 /// The file readiness checks create and remove in BLOB_DIR (never a blob: not a shard).
 const PROBE: &str = ".readyz-probe";
@@ -156,6 +156,9 @@ impl BlobStore for FsBlobStore {
                 else {
                     continue;
                 };
+                if !is_blob_name(&name) {
+                    continue; // not ours: never deleted by the orphan sweep
+                }
                 let modified = meta
                     .modified()
                     .map_err(io_error_at("stat", &entry.path()))?;

@@ -45,7 +45,8 @@ pub trait BlobStore: Send + Sync {
     async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, BlobError>;
 
     /// One page of stored blobs with their last-modified times, for the orphan sweep;
-    /// pass the returned `next` to get the following page.
+    /// pass the returned `next` to get the following page. Only names this store could
+    /// have given a blob ([`is_blob_name`]): the sweep deletes what it lists.
     async fn list(&self, page: Option<String>) -> Result<BlobPage, BlobError>;
 
     /// Cheap check that the store answers, for `/readyz`.
@@ -127,4 +128,11 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn BlobStore>, anyhow::
             config,
         )?))),
     }
+}
+
+/// Whether `name` is a blob's own name (R2: the key without the prefix): a UUID in its
+/// canonical form, as [`BlobStore::put`] writes them.
+pub fn is_blob_name(name: &str) -> bool {
+    name.len() == 36
+        && uuid::Uuid::parse_str(name).is_ok_and(|u| u.hyphenated().to_string() == name)
 }

@@ -24,7 +24,7 @@ use aws_smithy_types::config_bag::{Storable, StoreReplace};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter};
+use super::{BlobError, BlobOp, BlobPage, BlobStore, OpCounter, is_blob_name};
 use crate::config::Config;
 
 /// DeleteObjects takes at most this many keys per request.
@@ -330,14 +330,21 @@ impl BlobStore for S3BlobStore {
             .send()
             .await
             .map_err(|e| unavailable("ListObjectsV2", e))?;
+        // Only keys this server could have written (prefix + UUID): a bucket shared
+        // with other data or another R2_PREFIX that starts with ours (`messages` and
+        // `messages/`) must not lose objects to our orphan scan.
         let blobs = out
             .contents()
             .iter()
             .filter_map(|o| {
+                let key = o.key()?;
+                if !key.strip_prefix(&self.prefix).is_some_and(is_blob_name) {
+                    return None;
+                }
                 let modified = o
                     .last_modified()
                     .and_then(|t| std::time::SystemTime::try_from(*t).ok())?;
-                Some((o.key()?.to_owned(), modified))
+                Some((key.to_owned(), modified))
             })
             .collect();
         let next = if out.is_truncated() == Some(true) {

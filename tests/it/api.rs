@@ -1153,17 +1153,37 @@ async fn cleanup_removes_old_orphans_only(b: Backend) {
     assert_eq!(r.orphans_deleted, 0);
     assert_eq!(data.blob_files().len(), 2);
 
+    // What this server could not have written is never an orphan: on R2 another
+    // deployment's blob under a longer prefix (ours + `nested/`), in a folder a stray file.
     let mut config = s.config.clone();
     config.orphan_grace = Duration::ZERO;
+    if b == Backend::PostgresS3 {
+        let mut other = config.clone();
+        other.r2_prefix = format!("{}nested/", config.r2_prefix);
+        let other = catbird_server::build_relay(&other).await.unwrap();
+        other
+            .blobs
+            .put(bytes::Bytes::from_static(b"foreign"))
+            .await
+            .unwrap();
+    } else {
+        std::fs::create_dir_all(data.blob_root().join("ab")).unwrap();
+        std::fs::write(data.blob_root().join("ab/notes.txt"), b"foreign").unwrap();
+    }
+
     let relay = catbird_server::build_relay(&config).await.unwrap();
     let r = catbird_server::retention::sweep(&relay).await.unwrap();
     assert_eq!(r.orphans_deleted, 1, "{r:?}");
-    let left = data.blob_files();
-    assert_eq!(left.len(), 1);
+    let mut left: Vec<Vec<u8>> = data
+        .blob_files()
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    left.sort();
     assert_eq!(
-        std::fs::read(&left[0]).unwrap(),
-        b"referenced",
-        "a referenced blob is never an orphan"
+        left,
+        [b"foreign".to_vec(), b"referenced".to_vec()],
+        "a referenced blob is never an orphan, nor is what the server did not write"
     );
     s.user(BOB).fetch(&id).await.expect(200, None);
     assert!(relay.blobs.operations().list >= 1);
