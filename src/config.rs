@@ -82,13 +82,13 @@ pub struct Config {
 
     /// How long a request waits for a free database connection before answering 503.
     #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT", default_value = "5s",
-          value_parser = positive_duration, global = true)]
+          value_parser = database_timeout, global = true)]
     pub database_acquire_timeout: Duration,
 
     /// Longest a database statement may run or wait for a lock before the request
     /// answers 503 (PostgreSQL `statement_timeout`; SQLite busy timeout).
     #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT", default_value = "10s",
-          value_parser = positive_duration, global = true)]
+          value_parser = database_timeout, global = true)]
     pub database_statement_timeout: Duration,
 
     /// Where message ciphertext is kept.
@@ -167,8 +167,9 @@ pub struct Config {
     #[arg(long, env = "JWT_ISSUER", global = true)]
     pub jwt_issuer: Option<String>,
 
-    /// Clock leeway for `exp`, `nbf` and `iat`, in seconds.
-    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value_t = 30, global = true)]
+    /// Clock leeway for `exp`, `nbf` and `iat`, in seconds (at most 3600).
+    #[arg(long, env = "JWT_LEEWAY_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600), global = true)]
     pub jwt_leeway_seconds: u64,
 
     /// Retention of every message (humantime: `30d`, `12h`, `90s`).
@@ -176,7 +177,7 @@ pub struct Config {
     pub message_ttl: Duration,
 
     /// Period of the background clean-up.
-    #[arg(long, env = "GC_INTERVAL", default_value = "1h", value_parser = positive_duration, global = true)]
+    #[arg(long, env = "GC_INTERVAL", default_value = "1h", value_parser = interval, global = true)]
     pub gc_interval: Duration,
 
     /// Age after which a blob that no message references (left by a crash or a failed
@@ -186,7 +187,7 @@ pub struct Config {
 
     /// How often the background clean-up also scans the blob store for orphans (each
     /// scan lists every blob: billed LIST requests on R2).
-    #[arg(long, env = "ORPHAN_SCAN_INTERVAL", default_value = "24h", value_parser = positive_duration, global = true)]
+    #[arg(long, env = "ORPHAN_SCAN_INTERVAL", default_value = "24h", value_parser = interval, global = true)]
     pub orphan_scan_interval: Duration,
 
     /// Largest decoded payload, in bytes.
@@ -256,6 +257,25 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = duration(s)?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// A database wait: SQLite's busy timeout and PostgreSQL's `statement_timeout` count
+/// whole milliseconds (0 turns the latter off) and stop at about 24 days.
+fn database_timeout(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if !(Duration::from_millis(1)..=Duration::from_secs(86_400)).contains(&d) {
+        return Err("must be between 1ms and 1d".into());
+    }
+    Ok(d)
+}
+
+/// The period of a background task: at least a second, or it would keep a CPU busy.
+fn interval(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err("must be at least 1s".into());
     }
     Ok(d)
 }

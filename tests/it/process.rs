@@ -578,6 +578,14 @@ async fn invalid_configuration_exits_non_zero_naming_the_variable() {
         // Beyond every timestamp type: a send would fail after its commit.
         ("MESSAGE_TTL", "300000y"),
         ("ORPHAN_GRACE", "3651d"),
+        // Past what SQLite's busy timeout holds; below PostgreSQL's unit (0 = off).
+        ("DATABASE_STATEMENT_TIMEOUT", "25d"),
+        ("DATABASE_STATEMENT_TIMEOUT", "1ns"),
+        ("DATABASE_ACQUIRE_TIMEOUT", "1ns"),
+        // A busy loop.
+        ("GC_INTERVAL", "1ns"),
+        // Overflows the token checks' arithmetic.
+        ("JWT_LEEWAY_SECONDS", "9999999999"),
         ("MAX_MESSAGE_BYTES", "0"),
         ("DELETE_ON_DELIVERY", "maybe"),
         ("JWT_PUBLIC_KEY_FILE", "no-such-key.pem"),
