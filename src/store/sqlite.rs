@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -51,6 +52,8 @@ pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
     waiting: Waiting,
+    /// The last write through [`SqliteStore::begin`] failed.
+    writer_suspect: AtomicBool,
     /// Sends queued for the group-commit task ([`insert_batches`]).
     inserts: mpsc::Sender<Queued>,
 }
@@ -99,13 +102,33 @@ impl SqliteStore {
             writer,
             readers,
             waiting: Waiting::default(),
+            writer_suspect: AtomicBool::new(false),
             inserts,
         })
     }
 
+    /// A transaction on the writer connection; a new connection if the last write failed.
     async fn begin(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         let _waiting = self.waiting.enter();
+        if self.writer_suspect.swap(false, Ordering::Relaxed) {
+            // Closing it lets the pool open a new one for the transaction.
+            self.writer.acquire().await?.close().await?;
+        }
         Ok(begin(&self.writer).await?)
+    }
+
+    /// `write`'s outcome, remembering a failure: the writer connection may be what
+    /// failed (SQLite opens a file it cannot write read-only, and it stays so after
+    /// the file is fixed), so the next write starts on a new one.
+    async fn write<T>(
+        &self,
+        write: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let outcome = write.await;
+        if outcome.is_err() {
+            self.writer_suspect.store(true, Ordering::Relaxed);
+        }
+        outcome
     }
 
     /// A connection of `pool`, counted as waiting until the pool hands it over.
@@ -511,106 +534,115 @@ impl MessageStore for SqliteStore {
         ids: &[Uuid],
         delete_delivered: bool,
     ) -> Result<AckOutcome, StoreError> {
-        let mut tx = self.begin().await?;
-        let mut out = AckOutcome::default();
-        for id in ids {
-            let hit = sqlx::query(concat!(
-                "update recipients set acked_at = coalesce(acked_at, ",
-                now!(),
-                ") where message_id = ? and recipient = ? \
-                 and exists (select 1 from messages m where m.id = recipients.message_id and m.expires_at > ",
-                now!(),
-                ") returning message_id"
-            ))
-            .bind(id.to_string())
-            .bind(recipient)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if hit.is_none() {
-                continue;
-            }
-            out.acked.push(*id);
-            if delete_delivered {
-                let delivered: Option<String> = sqlx::query_scalar(
-                    "select blob_key from messages m where m.id = ? \
-                     and not exists (select 1 from recipients r where r.message_id = m.id and r.acked_at is null)",
-                )
+        self.write(async {
+            let mut tx = self.begin().await?;
+            let mut out = AckOutcome::default();
+            for id in ids {
+                let hit = sqlx::query(concat!(
+                    "update recipients set acked_at = coalesce(acked_at, ",
+                    now!(),
+                    ") where message_id = ? and recipient = ? \
+                     and exists (select 1 from messages m where m.id = recipients.message_id and m.expires_at > ",
+                    now!(),
+                    ") returning message_id"
+                ))
                 .bind(id.to_string())
+                .bind(recipient)
                 .fetch_optional(&mut *tx)
                 .await?;
-                if let Some(key) = delivered {
-                    out.freed_blobs.push(delete_and_queue(&mut tx, key).await?);
+                if hit.is_none() {
+                    continue;
+                }
+                out.acked.push(*id);
+                if delete_delivered {
+                    let delivered: Option<String> = sqlx::query_scalar(
+                        "select blob_key from messages m where m.id = ? \
+                         and not exists (select 1 from recipients r where r.message_id = m.id and r.acked_at is null)",
+                    )
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if let Some(key) = delivered {
+                        out.freed_blobs.push(delete_and_queue(&mut tx, key).await?);
+                    }
                 }
             }
-        }
-        tx.commit().await?;
-        Ok(out)
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
     }
 
     async fn delete_message(&self, id: Uuid, sender: &str) -> Result<Option<String>, StoreError> {
-        let mut tx = self.begin().await?;
-        let key: Option<String> = sqlx::query_scalar(concat!(
-            "select blob_key from messages where id = ? and sender = ? and expires_at > ",
-            now!()
-        ))
-        .bind(id.to_string())
-        .bind(sender)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(key) = key else { return Ok(None) };
-        let key = delete_and_queue(&mut tx, key).await?;
-        tx.commit().await?;
-        Ok(Some(key))
+        self.write(async {
+            let mut tx = self.begin().await?;
+            let key: Option<String> = sqlx::query_scalar(concat!(
+                "select blob_key from messages where id = ? and sender = ? and expires_at > ",
+                now!()
+            ))
+            .bind(id.to_string())
+            .bind(sender)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(key) = key else { return Ok(None) };
+            let key = delete_and_queue(&mut tx, key).await?;
+            tx.commit().await?;
+            Ok(Some(key))
+        })
+        .await
     }
 
     async fn collect(&self, delete_delivered: bool, limit: i64) -> Result<Collected, StoreError> {
-        let mut tx = self.begin().await?;
-        let expired: Vec<String> = sqlx::query_scalar(concat!(
-            "select blob_key from messages where expires_at <= ",
-            now!(),
-            " order by expires_at limit ?"
-        ))
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let delivered: Vec<String> = if delete_delivered {
-            sqlx::query_scalar(
-                "select blob_key from messages m \
-                 where not exists (select 1 from recipients r where r.message_id = m.id and r.acked_at is null) limit ?",
-            )
+        self.write(async {
+            let mut tx = self.begin().await?;
+            let expired: Vec<String> = sqlx::query_scalar(concat!(
+                "select blob_key from messages where expires_at <= ",
+                now!(),
+                " order by expires_at limit ?"
+            ))
             .bind(limit)
             .fetch_all(&mut *tx)
-            .await?
-        } else {
-            Vec::new()
-        };
-        let mut collected = Collected::default();
-        for key in expired {
-            delete_and_queue(&mut tx, key).await?;
-            collected.expired += 1;
-        }
-        for key in delivered {
-            // May have been counted as expired just above; then it is already gone.
-            let gone =
-                sqlx::query_scalar::<_, i64>("select count(*) from messages where blob_key = ?")
-                    .bind(&key)
-                    .fetch_one(&mut *tx)
-                    .await?
-                    == 0;
-            if !gone {
+            .await?;
+            let delivered: Vec<String> = if delete_delivered {
+                sqlx::query_scalar(
+                    "select blob_key from messages m \
+                     where not exists (select 1 from recipients r where r.message_id = m.id and r.acked_at is null) limit ?",
+                )
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?
+            } else {
+                Vec::new()
+            };
+            let mut collected = Collected::default();
+            for key in expired {
                 delete_and_queue(&mut tx, key).await?;
-                collected.delivered += 1;
+                collected.expired += 1;
             }
-        }
-        collected.idempotency_keys = sqlx::query(concat!(
-            "delete from idempotency_keys where keep_until <= ",
-            now!()
-        ))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(collected)
+            for key in delivered {
+                // May have been counted as expired just above; then it is already gone.
+                let gone =
+                    sqlx::query_scalar::<_, i64>("select count(*) from messages where blob_key = ?")
+                        .bind(&key)
+                        .fetch_one(&mut *tx)
+                        .await?
+                        == 0;
+                if !gone {
+                    delete_and_queue(&mut tx, key).await?;
+                    collected.delivered += 1;
+                }
+            }
+            collected.idempotency_keys = sqlx::query(concat!(
+                "delete from idempotency_keys where keep_until <= ",
+                now!()
+            ))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(collected)
+        })
+        .await
     }
 
     async fn queued_blob_deletions(&self, limit: i64) -> Result<Vec<String>, StoreError> {
@@ -623,17 +655,20 @@ impl MessageStore for SqliteStore {
     }
 
     async fn forget_blob_deletions(&self, keys: &[String]) -> Result<(), StoreError> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let json = json(keys)?;
-        sqlx::query(
-            "delete from blob_deletions where blob_key in (select value from json_each(?))",
-        )
-        .bind(json)
-        .execute(&mut *self.conn(&self.writer).await?)
-        .await?;
-        Ok(())
+        self.write(async {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let json = json(keys)?;
+            sqlx::query(
+                "delete from blob_deletions where blob_key in (select value from json_each(?))",
+            )
+            .bind(json)
+            .execute(&mut *self.conn(&self.writer).await?)
+            .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn referenced_blobs(&self, keys: &[String]) -> Result<HashSet<String>, StoreError> {

@@ -1048,7 +1048,7 @@ async fn health_and_readiness(b: Backend) {
         .expect(200, None);
     assert_eq!(r.body["status"], "ok");
     // A blob folder that is there but cannot be written to fails every send: not ready.
-    if b != Backend::PostgresS3 && read_only(&data.blob_root(), true) {
+    if b != Backend::PostgresS3 && crate::common::read_only(&data.blob_root(), true) {
         let r = Reply::from(s.http.get(s.url("/readyz")).send().await.unwrap())
             .await
             .expect(503, Some("unavailable"));
@@ -1060,7 +1060,7 @@ async fn health_and_readiness(b: Backend) {
             )
             .await
             .expect(503, Some("unavailable"));
-        read_only(&data.blob_root(), false);
+        crate::common::read_only(&data.blob_root(), false);
         Reply::from(s.http.get(s.url("/readyz")).send().await.unwrap())
             .await
             .expect(200, None);
@@ -1073,42 +1073,6 @@ async fn health_and_readiness(b: Backend) {
     assert_eq!(r.body["blob_store"], "unavailable");
     assert_eq!(r.body["database"], "ok");
     assert!(r.body["message"].as_str().unwrap().contains("blob store"));
-}
-
-/// Make `dir` read-only (or writable again); whether it is now read-only. Permissions
-/// do not stop root, so as root the folder is made immutable (`chattr +i`), where the
-/// filesystem allows it.
-fn read_only(dir: &std::path::Path, on: bool) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let chattr = || {
-        let _ = std::process::Command::new("chattr")
-            .arg(if on { "+i" } else { "-i" })
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status();
-    };
-    let chmod = || {
-        let mode = if on { 0o555 } else { 0o755 };
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
-    };
-    // An immutable folder's permissions cannot change: chmod first, chattr last.
-    if on {
-        chmod();
-        chattr();
-    } else {
-        chattr();
-        chmod();
-    }
-    let probe = dir.join("writable-probe");
-    let writable = std::fs::File::create(&probe).is_ok();
-    let _ = std::fs::remove_file(probe);
-    if on && writable {
-        eprintln!(
-            "cannot make {} read-only here; check skipped",
-            dir.display()
-        );
-    }
-    !writable
 }
 
 #[test]

@@ -571,3 +571,49 @@ impl Db {
         }
     }
 }
+
+/// Make the file or folder `path` read-only (or writable again); whether it is now
+/// read-only. Permissions do not stop root, so as root it is made immutable
+/// (`chattr +i`), where the filesystem allows it.
+pub fn read_only(path: &std::path::Path, on: bool) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let chattr = || {
+        let _ = std::process::Command::new("chattr")
+            .arg(if on { "+i" } else { "-i" })
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status();
+    };
+    let chmod = || {
+        let mode = match (path.is_dir(), on) {
+            (true, true) => 0o555,
+            (true, false) => 0o755,
+            (false, true) => 0o444,
+            (false, false) => 0o644,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // An immutable file's permissions cannot change: chmod first, chattr last.
+    if on {
+        chmod();
+        chattr();
+    } else {
+        chattr();
+        chmod();
+    }
+    let writable = if path.is_dir() {
+        let probe = path.join("writable-probe");
+        let created = std::fs::File::create(&probe).is_ok();
+        let _ = std::fs::remove_file(probe);
+        created
+    } else {
+        std::fs::OpenOptions::new().append(true).open(path).is_ok()
+    };
+    if on && writable {
+        eprintln!(
+            "cannot make {} read-only here; check skipped",
+            path.display()
+        );
+    }
+    !writable
+}

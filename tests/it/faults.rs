@@ -184,3 +184,44 @@ async fn blob_store_outage_is_503_then_recovers() {
     assert_eq!(data.db().await.count("messages").await, 2);
     assert_eq!(data.blob_files().len(), 2);
 }
+
+/// A SQLite file the server cannot write (it opens such a file read-only) fails writes
+/// with 503; once the file is writable again, every kind of write recovers without a
+/// restart, not only sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_sqlite_file_is_503_then_recovers() {
+    let data = Data::new(Backend::Sqlite).await;
+    let c = data.config();
+    // The messages come from a server process of their own: SQLite reuses a file
+    // descriptor its process already had open, writable, for the same file.
+    let work = tempfile::tempdir().unwrap();
+    let blob_dir = c.blob_dir.display().to_string();
+    let env = [
+        ("DATABASE_URL", c.database_url.as_str()),
+        ("BLOB_DIR", blob_dir.as_str()),
+        ("JWT_SECRET", crate::common::SECRET),
+    ];
+    let p = crate::process::Server::start(work.path(), &env).await;
+    let alice = crate::common::User::new(&p.base, "did:plc:alice");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = alice.send_raw(message(i), None).await.expect(201, None);
+        ids.push(r.body["id"].as_str().unwrap().to_owned());
+    }
+    assert!(p.stop().await.success());
+
+    let db = c.database_url.trim_start_matches("sqlite://").to_owned();
+    let db = std::path::Path::new(&db);
+    if !crate::common::read_only(db, true) {
+        return;
+    }
+    let s = TestServer::start(c).await;
+    let (alice, bob) = (s.user("did:plc:alice"), s.user(BOB));
+    bob.ack(&ids[0]).await.expect(503, Some("unavailable"));
+    alice.delete(&ids[1]).await.expect(503, Some("unavailable"));
+    crate::common::read_only(db, false);
+    bob.ack(&ids[0]).await.expect(204, None);
+    alice.delete(&ids[1]).await.expect(204, None);
+    alice.send_raw(message(9), None).await.expect(201, None);
+    assert_eq!(bob.pending_ids("", 10).await.len(), 2);
+}
