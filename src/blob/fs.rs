@@ -138,8 +138,13 @@ impl BlobStore for FsBlobStore {
             let mut shards: Vec<String> = std::fs::read_dir(&root)
                 .map_err(io_error_at("list", &root))?
                 .flatten()
+                // Shard folders only, as `path` names them: not a file or a symlink that
+                // happens to have such a name (a symlink could lead the sweep elsewhere).
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                .filter(|n| {
+                    n.len() == 2 && n.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+                })
                 .filter(|n| page.as_ref().is_none_or(|after| n > after))
                 .collect();
             shards.sort();
@@ -156,8 +161,10 @@ impl BlobStore for FsBlobStore {
                 else {
                     continue;
                 };
-                if !is_blob_name(&name) {
-                    continue; // not ours: never deleted by the orphan sweep
+                // Only files `path` would give a blob: anything else here is not ours,
+                // and the sweep must not delete it (or count a delete of another path).
+                if !(meta.is_file() && is_blob_name(&name) && name.starts_with(shard.as_str())) {
+                    continue;
                 }
                 let modified = meta
                     .modified()

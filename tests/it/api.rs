@@ -1121,6 +1121,8 @@ async fn cleanup_removes_old_orphans_only(b: Backend) {
     // deployment's blob under a longer prefix (ours + `nested/`), in a folder a stray file.
     let mut config = s.config.clone();
     config.orphan_grace = Duration::ZERO;
+    let mut kept = Vec::new();
+    let outside = tempfile::tempdir().unwrap();
     if b == Backend::PostgresS3 {
         let mut other = config.clone();
         other.r2_prefix = format!("{}nested/", config.r2_prefix);
@@ -1131,22 +1133,47 @@ async fn cleanup_removes_old_orphans_only(b: Backend) {
             .await
             .unwrap();
     } else {
-        std::fs::create_dir_all(data.blob_root().join("ab")).unwrap();
-        std::fs::write(data.blob_root().join("ab/notes.txt"), b"foreign").unwrap();
+        // A file where a shard folder would be (it must not stop the scan), a blob name
+        // in the wrong shard or an upper-case one (the sweep would delete another path
+        // and count it), and a symlinked shard (its target is outside BLOB_DIR).
+        let root = data.blob_root();
+        let uuid = |first: &str| format!("{first}{}", &uuid::Uuid::new_v4().to_string()[2..]);
+        for (path, bytes) in [
+            (root.join("ab/notes.txt"), &b"foreign"[..]),
+            (root.join("fe"), b"foreign"),
+            (root.join("00").join(uuid("ff")), b"foreign"),
+            (root.join("AB").join(uuid("ab")), b"foreign"),
+            (outside.path().join(uuid("cd")), b"outside"),
+        ] {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+            kept.push(path);
+        }
+        std::os::unix::fs::symlink(outside.path(), root.join("cd")).unwrap();
     }
 
     let relay = catbird_server::build_relay(&config).await.unwrap();
     let r = catbird_server::retention::sweep(&relay).await.unwrap();
     assert_eq!(r.orphans_deleted, 1, "{r:?}");
+    assert!(!r.orphan_scan_failed, "{r:?}");
+    for path in &kept {
+        assert!(path.exists(), "{} was deleted", path.display());
+    }
     let mut left: Vec<Vec<u8>> = data
         .blob_files()
         .iter()
+        .filter(|f| !kept.contains(f))
         .map(|f| std::fs::read(f).unwrap())
         .collect();
     left.sort();
+    left.dedup();
+    let expected: &[&[u8]] = if b == Backend::PostgresS3 {
+        &[b"foreign", b"referenced"]
+    } else {
+        &[b"outside", b"referenced"] // blob_files follows the symlinked shard
+    };
     assert_eq!(
-        left,
-        [b"foreign".to_vec(), b"referenced".to_vec()],
+        left, expected,
         "a referenced blob is never an orphan, nor is what the server did not write"
     );
     s.user(BOB).fetch(&id).await.expect(200, None);
