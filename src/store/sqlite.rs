@@ -165,21 +165,20 @@ async fn insert_batch(
     writer: &SqlitePool,
     batch: &[Queued],
 ) -> Vec<Result<InsertOutcome, StoreError>> {
-    let queued: Vec<&Queued> = batch.iter().collect();
-    match insert_together(writer, &queued).await {
+    match insert_together(writer, batch).await {
         Ok(outcomes) => outcomes,
-        Err(StoreError::Other(_)) if queued.len() > 1 => {
-            let mut outcomes = Vec::with_capacity(queued.len());
-            for q in queued {
+        Err(StoreError::Other(_)) if batch.len() > 1 => {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for q in batch {
                 outcomes.push(
-                    insert_together(writer, &[q])
+                    insert_together(writer, std::slice::from_ref(q))
                         .await
                         .and_then(|mut o| o.remove(0)),
                 );
             }
             outcomes
         }
-        Err(e) => queued.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     }
 }
 
@@ -220,7 +219,7 @@ enum Fate<'a> {
 /// Err: the transaction failed and wrote nothing; otherwise each message's outcome.
 async fn insert_together(
     writer: &SqlitePool,
-    batch: &[&Queued],
+    batch: &[Queued],
 ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
     let mut conn = writer.acquire().await?;
     let outcomes = write_together(&mut conn, batch).await;
@@ -234,7 +233,7 @@ async fn insert_together(
 
 async fn write_together(
     conn: &mut PoolConnection<Sqlite>,
-    batch: &[&Queued],
+    batch: &[Queued],
 ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
     let messages: Vec<&NewMessage> = batch.iter().map(|(m, _)| m).collect();
     // Idempotency keys used before, by (sender, key), then the time every message of
